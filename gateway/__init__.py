@@ -1,0 +1,1 @@
+"""The aiohttp gateway: validates, reserves in Redis, answers 202."""

@@ -1,0 +1,45 @@
+"""``python -m gateway`` / ``coupon-gateway``: serve the gateway."""
+
+from __future__ import annotations
+
+import sys
+
+import structlog
+import uvloop
+from aiohttp import web
+
+from gateway.app import create_app
+from shared import logging as shared_logging
+from shared.settings import ConfigError, Settings
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    shared_logging.configure(settings.log_format, settings.log_level)
+    log = structlog.get_logger("gateway")
+    if settings.admin_token is None:
+        log.warning("admin_api_disabled", reason="COUPON_ADMIN_TOKEN is not set")
+    log.info("gateway_starting", host=settings.http_host, port=settings.http_port,
+             redis=settings.redis_url, mysql=settings.mysql.redacted())
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.http_host,
+            port=settings.http_port,
+            access_log=None,
+            print=None,
+            reuse_port=settings.gateway_processes > 1,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            loop=uvloop.new_event_loop(),
+        )
+    except OSError as exc:
+        log.error("gateway_start_failed", error=str(exc))
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

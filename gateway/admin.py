@@ -1,0 +1,52 @@
+"""Admin routes, behind ``Authorization: Bearer $COUPON_ADMIN_TOKEN``."""
+
+from __future__ import annotations
+
+import hmac
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway import appkeys
+from gateway.problems import json_response
+from gateway.validation import json_object, parse_id
+from shared import coupons
+from shared.errors import CouponNotFound, Unauthorized, Unavailable
+
+routes = web.RouteTableDef()
+
+
+def require_admin(request: web.Request) -> None:
+    """Refuse unless the bearer token matches; with no token configured, refuse everything."""
+    expected = request.app[appkeys.SETTINGS].admin_token
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if (
+        expected is None
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(presented.strip().encode(), expected.encode())
+    ):
+        raise Unauthorized("a valid admin bearer token is required")
+
+
+@routes.post("/admin/coupons")
+async def create_coupon(request: web.Request) -> web.Response:
+    require_admin(request)
+    new = coupons.NewCoupon.from_json(await json_object(request))
+    coupon = await coupons.create_coupon(request.app[appkeys.MYSQL], request.app[appkeys.REDIS], new)
+    return json_response(coupon.public(), status=201)
+
+
+@routes.get("/admin/coupons/{coupon_id}")
+async def show_coupon(request: web.Request) -> web.Response:
+    require_admin(request)
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    pool = request.app[appkeys.MYSQL]
+    coupon = await coupons.fetch_coupon(pool, coupon_id)
+    if coupon is None:
+        raise CouponNotFound(f"coupon {coupon_id} does not exist")
+    try:
+        counts = await coupons.counters(pool, request.app[appkeys.REDIS], coupon)
+    except (RedisError, OSError):
+        raise Unavailable("Redis is unreachable") from None
+    return json_response({**coupon.public(), **counts.as_dict()})

@@ -1,0 +1,23 @@
+"""Everything a handler needs, hung off the application under typed keys declared here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiomysql
+from aiohttp import web
+from redis.asyncio import Redis
+
+from shared.scripts import Scripts
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.coalescer import Coalescer
+    from gateway.snapshots import SnapshotCache
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", Redis)
+MYSQL = web.AppKey("mysql", aiomysql.Pool)
+SCRIPTS = web.AppKey("scripts", Scripts)
+SNAPSHOTS: web.AppKey[SnapshotCache] = web.AppKey("snapshots")
+COALESCER: web.AppKey[Coalescer] = web.AppKey("coalescer")

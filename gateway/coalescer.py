@@ -1,0 +1,113 @@
+"""Request coalescing: concurrent requests for one coupon share one Lua call.
+
+Requests that arrive in the same event-loop tick are sent together; while a call for a coupon is
+in flight, new requests for it gather and go in the next call. One process therefore makes at
+most one reservation call per coupon at a time, and the batch grows with the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+from redis.exceptions import RedisError
+
+from shared import metrics
+from shared.scripts import BatchOutcome, Reservation, Scripts
+
+log = structlog.get_logger(__name__)
+
+
+class StateMissing(Exception):
+    """Redis holds no state for the coupon."""
+
+
+@dataclass(slots=True)
+class _Queue:
+    waiting: list[tuple[int, asyncio.Future[Reservation]]] = field(default_factory=list)
+    scheduled: bool = False
+    in_flight: bool = False
+
+
+class Coalescer:
+    """Batches reservations per coupon into single ``issue.lua`` calls."""
+
+    def __init__(self, scripts: Scripts, *, max_batch: int, timeout: float) -> None:
+        self._scripts = scripts
+        self._max_batch = max_batch
+        self._timeout = timeout
+        self._queues: dict[int, _Queue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.redis_clock_offset_ms: int | None = None
+        """Redis server time minus local time, from the latest call (None before the first)."""
+        self.on_outcome: list[Callable[[int, BatchOutcome], None]] = []
+
+    async def reserve(self, coupon_id: int, user_id: int) -> Reservation:
+        """Queue one user; raises :class:`StateMissing`, RedisError or TimeoutError."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reservation] = loop.create_future()
+        queue = self._queues.get(coupon_id)
+        if queue is None:
+            queue = self._queues[coupon_id] = _Queue()
+        queue.waiting.append((user_id, future))
+        if not queue.scheduled and not queue.in_flight:
+            queue.scheduled = True
+            loop.call_soon(self._flush, coupon_id)
+        return await future
+
+    def _flush(self, coupon_id: int) -> None:
+        queue = self._queues[coupon_id]
+        queue.scheduled = False
+        if not queue.waiting:
+            del self._queues[coupon_id]
+            return
+        batch = queue.waiting[: self._max_batch]
+        del queue.waiting[: self._max_batch]
+        queue.in_flight = True
+        task = asyncio.get_running_loop().create_task(self._call(coupon_id, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(
+        self, coupon_id: int, batch: list[tuple[int, asyncio.Future[Reservation]]]
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            outcome = await asyncio.wait_for(
+                self._scripts.reserve(coupon_id, [user for user, _ in batch]), self._timeout
+            )
+        except (RedisError, TimeoutError, OSError) as exc:
+            log.warning("reserve_failed", coupon_id=coupon_id, batch=len(batch), error=repr(exc))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+        else:
+            elapsed = time.perf_counter() - started
+            metrics.RESERVE_SECONDS.observe(elapsed)
+            metrics.RESERVE_BATCH_SIZE.observe(len(batch))
+            self.redis_clock_offset_ms = outcome.redis_time_ms - int(time.time() * 1000)
+            for callback in self.on_outcome:
+                callback(coupon_id, outcome)
+            if outcome.state_missing:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(StateMissing(coupon_id))
+            else:
+                for (_, future), reservation in zip(batch, outcome.reservations, strict=True):
+                    if not future.done():
+                        future.set_result(reservation)
+        finally:
+            queue = self._queues[coupon_id]
+            queue.in_flight = False
+            if queue.waiting:
+                self._flush(coupon_id)
+            elif not queue.scheduled:
+                del self._queues[coupon_id]
+
+    async def drain(self) -> None:
+        """Wait for every in-flight call (graceful shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

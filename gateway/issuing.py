@@ -1,0 +1,100 @@
+"""The issue decision, shared by the native route and the seed-compatible ones."""
+
+from __future__ import annotations
+
+import time
+
+from redis.exceptions import RedisError
+
+from gateway.coalescer import Coalescer, StateMissing
+from gateway.snapshots import SnapshotCache
+from shared import metrics
+from shared.coupons import Coupon
+from shared.errors import (
+    AppError,
+    CouponNotFound,
+    CouponPaused,
+    DuplicatedIssue,
+    OutsideWindow,
+    SoldOut,
+    Unavailable,
+)
+from shared.scripts import BatchOutcome, IssueResult, Reservation
+
+# The local window pre-check only rejects requests that are outside the window by more than
+# this, judged by the local clock corrected by the offset to Redis time. Everything closer is
+# left to the Lua script, which reads Redis TIME, so the window is always Redis's.
+WINDOW_MARGIN_MS = 1000
+
+_REJECTIONS: dict[IssueResult, tuple[str, type[AppError]]] = {
+    IssueResult.DUPLICATE: ("duplicate", DuplicatedIssue),
+    IssueResult.SOLD_OUT: ("sold_out", SoldOut),
+    IssueResult.NOT_STARTED: ("outside_window", OutsideWindow),
+    IssueResult.ENDED: ("outside_window", OutsideWindow),
+    IssueResult.PAUSED: ("paused", CouponPaused),
+}
+
+
+class Issuer:
+    """Validates against the cached snapshot, then reserves through the coalescer."""
+
+    def __init__(self, snapshots: SnapshotCache, coalescer: Coalescer) -> None:
+        self._snapshots = snapshots
+        self._coalescer = coalescer
+        coalescer.on_outcome.append(self._note_outcome)
+
+    async def issue(self, coupon_id: int, user_id: int) -> Reservation:
+        """Reserve a coupon for a user, or raise the :class:`AppError` that says why not."""
+        try:
+            coupon = await self._snapshots.get(coupon_id)
+        except (RedisError, OSError, TimeoutError):
+            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
+            raise Unavailable("Redis is unreachable") from None
+        if coupon is None:
+            metrics.ISSUE_REQUESTS.labels("not_found").inc()
+            raise CouponNotFound(f"coupon {coupon_id} does not exist")
+        self._precheck(coupon)
+        try:
+            reservation = await self._coalescer.reserve(coupon_id, user_id)
+        except StateMissing:
+            self._snapshots.invalidate(coupon_id)
+            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
+            raise Unavailable(f"coupon {coupon_id} has no state in Redis") from None
+        except (RedisError, OSError, TimeoutError):
+            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
+            raise Unavailable("Redis did not answer in time; the outcome is unknown") from None
+        if reservation.result is IssueResult.ACCEPTED:
+            metrics.ISSUE_REQUESTS.labels("accepted").inc()
+            return reservation
+        outcome, error = _REJECTIONS[reservation.result]
+        metrics.ISSUE_REQUESTS.labels(outcome).inc()
+        raise error(_detail(reservation.result, coupon_id, user_id))
+
+    def _precheck(self, coupon: Coupon) -> None:
+        """Answer without Redis when the snapshot already settles it."""
+        if coupon.paused:
+            metrics.ISSUE_REQUESTS.labels("paused").inc()
+            raise CouponPaused(f"issuing coupon {coupon.id} is paused")
+        offset = self._coalescer.redis_clock_offset_ms
+        if offset is not None:
+            now_ms = int(time.time() * 1000) + offset
+            if now_ms < coupon.start_ms - WINDOW_MARGIN_MS or now_ms >= coupon.end_ms + WINDOW_MARGIN_MS:
+                metrics.ISSUE_REQUESTS.labels("outside_window").inc()
+                raise OutsideWindow(f"coupon {coupon.id} is outside its issue window")
+        if self._snapshots.is_sold_out(coupon.id):
+            metrics.ISSUE_REQUESTS.labels("sold_out").inc()
+            raise SoldOut(f"coupon {coupon.id} is sold out")
+
+    def _note_outcome(self, coupon_id: int, outcome: BatchOutcome) -> None:
+        if outcome.remaining == 0:
+            self._snapshots.mark_sold_out(coupon_id)
+
+
+def _detail(result: IssueResult, coupon_id: int, user_id: int) -> str:
+    return {
+        IssueResult.DUPLICATE: f"user {user_id} already requested coupon {coupon_id}",
+        IssueResult.SOLD_OUT: f"coupon {coupon_id} is sold out",
+        IssueResult.NOT_STARTED: f"issuing coupon {coupon_id} has not started yet",
+        IssueResult.ENDED: f"issuing coupon {coupon_id} has ended",
+        IssueResult.PAUSED: f"issuing coupon {coupon_id} is paused",
+    }[result]

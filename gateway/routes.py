@@ -1,0 +1,114 @@
+"""Public routes: issue, status, coupon snapshot, health."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from gateway import appkeys
+from gateway.issuing import Issuer
+from gateway.problems import json_response
+from gateway.validation import id_field, json_object, parse_id
+from shared import keys, metrics
+from shared.errors import CouponNotFound, InvalidRequest, IssueNotFound, Unavailable
+
+routes = web.RouteTableDef()
+ISSUER = web.AppKey("issuer", Issuer)
+
+
+@routes.post("/v1/coupons/{coupon_id}/issues")
+async def issue(request: web.Request) -> web.Response:
+    """Reserve the coupon for the user; 202 means the request is durably queued."""
+    try:
+        coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+        user_id = id_field(await json_object(request), "user_id")
+    except InvalidRequest:
+        metrics.ISSUE_REQUESTS.labels("invalid").inc()
+        raise
+    reservation = await request.app[ISSUER].issue(coupon_id, user_id)
+    return json_response(
+        {
+            "coupon_id": coupon_id,
+            "user_id": user_id,
+            "status": "accepted",
+            "request_id": reservation.request_id,
+        },
+        status=202,
+    )
+
+
+@routes.get("/v1/coupons/{coupon_id}/issues/{user_id}")
+async def issue_status(request: web.Request) -> web.Response:
+    """pending, issued or failed, answered from Redis alone."""
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    user_id = parse_id(request.match_info["user_id"], "user_id")
+    k = keys.CouponKeys(coupon_id)
+    try:
+        async with request.app[appkeys.REDIS].pipeline(transaction=False) as pipe:
+            pipe.exists(k.meta)
+            pipe.sismember(k.issued, str(user_id))
+            pipe.sismember(k.users, str(user_id))
+            pipe.sismember(k.failed, str(user_id))
+            exists, issued, holding, failed = await pipe.execute()
+    except (RedisError, OSError):
+        raise Unavailable("Redis is unreachable") from None
+    if not exists:
+        raise CouponNotFound(f"coupon {coupon_id} does not exist")
+    if issued:
+        status = "issued"
+    elif holding:
+        status = "pending"
+    elif failed:
+        status = "failed"
+    else:
+        raise IssueNotFound(f"user {user_id} never requested coupon {coupon_id}")
+    return json_response({"coupon_id": coupon_id, "user_id": user_id, "status": status})
+
+
+@routes.get("/v1/coupons/{coupon_id}")
+async def coupon_snapshot(request: web.Request) -> web.Response:
+    """The public view of a coupon: title, window, total, remaining, sold_out."""
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    redis = request.app[appkeys.REDIS]
+    try:
+        coupon = await request.app[appkeys.SNAPSHOTS].get(coupon_id)
+        reserved = 0 if coupon is None else int(await redis.scard(keys.CouponKeys(coupon_id).users))  # type: ignore[misc]
+    except (RedisError, OSError):
+        raise Unavailable("Redis is unreachable") from None
+    if coupon is None:
+        raise CouponNotFound(f"coupon {coupon_id} does not exist")
+    total = coupon.total_quantity
+    remaining = None if total is None else max(total - reserved, 0)
+    return json_response({**coupon.public(), "remaining": remaining, "sold_out": remaining == 0})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop turns."""
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Redis and MySQL both answer; 503 otherwise."""
+    checks = {"redis": "ok", "mysql": "ok"}
+    try:
+        await asyncio.wait_for(request.app[appkeys.REDIS].ping(), 1.0)  # type: ignore[misc]
+    except (RedisError, OSError, TimeoutError) as exc:
+        checks["redis"] = type(exc).__name__
+    try:
+        async with asyncio.timeout(1.0):
+            async with request.app[appkeys.MYSQL].acquire() as conn:
+                await conn.ping(reconnect=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+        checks["mysql"] = type(exc).__name__
+    ready = all(value == "ok" for value in checks.values())
+    return json_response({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+@routes.get("/hello")
+async def hello(request: web.Request) -> web.Response:
+    """The seed's baseline endpoint."""
+    return web.Response(text="hello!")

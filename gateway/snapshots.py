@@ -1,0 +1,116 @@
+"""The in-process coupon snapshot cache, kept fresh by Redis pub/sub.
+
+A snapshot is the coupon's ``{coupon:ID}:meta`` hash. Entries live for a short TTL and are
+dropped at once when a ``coupons:changed`` message names their coupon (creation, change, a
+released slot). Unknown ids are cached too, so a flood of bad ids costs one Redis read per id
+per TTL. The sold-out flag lets the gateway answer without a Redis round trip; it is cleared by
+the same messages, and expires with the TTL in case a message was missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys, metrics
+from shared.coupons import Coupon, load_snapshot
+
+log = structlog.get_logger(__name__)
+
+
+class SnapshotCache:
+    """Coupon snapshots and sold-out flags for one gateway process."""
+
+    def __init__(self, redis: Redis, *, ttl: float) -> None:
+        self._redis = redis
+        self._ttl = ttl
+        self._entries: dict[int, tuple[float, Coupon | None]] = {}
+        self._sold_out: dict[int, float] = {}
+        self._loading: dict[int, asyncio.Future[Coupon | None]] = {}
+
+    async def get(self, coupon_id: int) -> Coupon | None:
+        """The coupon, or None when Redis has no such coupon. One load per id at a time."""
+        entry = self._entries.get(coupon_id)
+        now = time.monotonic()
+        if entry is not None and entry[0] > now:
+            metrics.SNAPSHOT_LOOKUPS.labels("hit").inc()
+            return entry[1]
+        metrics.SNAPSHOT_LOOKUPS.labels("miss").inc()
+        loading = self._loading.get(coupon_id)
+        if loading is not None:
+            return await asyncio.shield(loading)
+        future: asyncio.Future[Coupon | None] = asyncio.get_running_loop().create_future()
+        self._loading[coupon_id] = future
+        try:
+            coupon = await load_snapshot(self._redis, coupon_id)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._loading[coupon_id]
+        self._entries[coupon_id] = (now + self._ttl, coupon)
+        future.set_result(coupon)
+        return coupon
+
+    def invalidate(self, coupon_id: int | None = None) -> None:
+        """Forget one coupon (or all of them, when pub/sub messages may have been missed)."""
+        if coupon_id is None:
+            self._entries.clear()
+            self._sold_out.clear()
+        else:
+            self._entries.pop(coupon_id, None)
+            self._sold_out.pop(coupon_id, None)
+
+    def mark_sold_out(self, coupon_id: int) -> None:
+        self._sold_out[coupon_id] = time.monotonic() + self._ttl
+
+    def is_sold_out(self, coupon_id: int) -> bool:
+        until = self._sold_out.get(coupon_id)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._sold_out[coupon_id]
+            return False
+        return True
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        """Apply ``coupons:changed`` messages until ``stop`` is set; reconnects with backoff."""
+        delay = 0.1
+        while not stop.is_set():
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.CHANGES_CHANNEL)
+                # Anything may have changed while we were not subscribed.
+                self.invalidate()
+                delay = 0.1
+                while not stop.is_set():
+                    message = await pubsub.get_message(timeout=0.2)
+                    if message is not None and message["type"] == "message":
+                        self._apply(message["data"])
+            except (RedisError, OSError) as exc:
+                log.warning("snapshot_listener_disconnected", error=repr(exc))
+                self.invalidate()
+                await _wait(stop, delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                await pubsub.aclose()
+
+    def _apply(self, data: str | bytes) -> None:
+        try:
+            coupon_id = int(data)
+        except ValueError:
+            log.warning("snapshot_message_ignored", data=repr(data)[:64])
+            return
+        self.invalidate(coupon_id)
+
+
+async def _wait(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass

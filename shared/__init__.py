@@ -1,0 +1,1 @@
+"""Code shared by the gateway, the stream worker and couponctl."""

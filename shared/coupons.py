@@ -1,0 +1,308 @@
+"""Coupons: the model, its Redis snapshot, and creation (MySQL row plus Redis state).
+
+MySQL is the system of record. Redis holds, per coupon, the snapshot the Lua script judges by
+(``{coupon:ID}:meta``) so the hot path never queries MySQL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomysql
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared import keys
+from shared.errors import InvalidRequest, Unavailable
+
+log = structlog.get_logger(__name__)
+
+COUPON_TYPE = "FIRST_COME_FIRST_SERVED"
+MAX_ID = 2**63 - 1
+MAX_INT32 = 2**31 - 1
+
+
+def to_ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def utc_naive(moment: datetime) -> datetime:
+    """The form MySQL stores: UTC without tzinfo."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class Coupon:
+    """A coupon as the gateway and the worker see it."""
+
+    id: int
+    title: str
+    total_quantity: int | None
+    discount_amount: int
+    min_available_amount: int
+    date_issue_start: datetime
+    date_issue_end: datetime
+    paused: bool = False
+    coupon_type: str = COUPON_TYPE
+
+    @property
+    def start_ms(self) -> int:
+        return to_ms(self.date_issue_start)
+
+    @property
+    def end_ms(self) -> int:
+        return to_ms(self.date_issue_end)
+
+    def to_meta(self) -> dict[str, str | int]:
+        """The ``{coupon:ID}:meta`` hash."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "coupon_type": self.coupon_type,
+            "total": -1 if self.total_quantity is None else self.total_quantity,
+            "discount_amount": self.discount_amount,
+            "min_available_amount": self.min_available_amount,
+            "start_ms": self.start_ms,
+            "end_ms": self.end_ms,
+            "paused": int(self.paused),
+        }
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, str]) -> Coupon:
+        total = int(meta["total"])
+        return cls(
+            id=int(meta["id"]),
+            title=meta["title"],
+            coupon_type=meta.get("coupon_type", COUPON_TYPE),
+            total_quantity=None if total < 0 else total,
+            discount_amount=int(meta["discount_amount"]),
+            min_available_amount=int(meta["min_available_amount"]),
+            date_issue_start=from_ms(int(meta["start_ms"])),
+            date_issue_end=from_ms(int(meta["end_ms"])),
+            paused=meta.get("paused") == "1",
+        )
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Coupon:
+        return cls(
+            id=int(row["id"]),
+            title=row["title"],
+            coupon_type=row["coupon_type"],
+            total_quantity=row["total_quantity"],
+            discount_amount=row["discount_amount"],
+            min_available_amount=row["min_available_amount"],
+            date_issue_start=row["date_issue_start"].replace(tzinfo=UTC),
+            date_issue_end=row["date_issue_end"].replace(tzinfo=UTC),
+            paused=bool(row["paused"]),
+        )
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "coupon_type": self.coupon_type,
+            "total_quantity": self.total_quantity,
+            "discount_amount": self.discount_amount,
+            "min_available_amount": self.min_available_amount,
+            "date_issue_start": iso(self.date_issue_start),
+            "date_issue_end": iso(self.date_issue_end),
+            "paused": self.paused,
+        }
+
+
+def _int_field(body: dict[str, Any], name: str, *, low: int, high: int, default: int | None) -> int:
+    value = body.get(name, default)
+    if value is None or isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} must be an integer")
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _datetime_field(body: dict[str, Any], name: str) -> datetime:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be an ISO-8601 timestamp with an offset")
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{name} is not an ISO-8601 timestamp: {value!r}") from None
+    if moment.tzinfo is None:
+        raise InvalidRequest(f"{name} needs a UTC offset, e.g. 2026-11-25T13:00:00+09:00")
+    return moment.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class NewCoupon:
+    """A validated request to create a coupon."""
+
+    title: str
+    total_quantity: int | None
+    discount_amount: int
+    min_available_amount: int
+    date_issue_start: datetime
+    date_issue_end: datetime
+
+    @classmethod
+    def from_json(cls, body: Any) -> NewCoupon:
+        """Validate an admin request body; raises :class:`InvalidRequest` with the reason."""
+        if not isinstance(body, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        title = body.get("title")
+        if not isinstance(title, str) or not title.strip() or len(title) > 255:
+            raise InvalidRequest("title must be a non-empty string of at most 255 characters")
+        total: int | None = None
+        if body.get("total_quantity") is not None:
+            total = _int_field(body, "total_quantity", low=0, high=MAX_INT32, default=None)
+        start = _datetime_field(body, "date_issue_start")
+        end = _datetime_field(body, "date_issue_end")
+        if start >= end:
+            raise InvalidRequest("date_issue_start must be before date_issue_end")
+        return cls(
+            title=title.strip(),
+            total_quantity=total,
+            discount_amount=_int_field(body, "discount_amount", low=0, high=MAX_INT32, default=0),
+            min_available_amount=_int_field(
+                body, "min_available_amount", low=0, high=MAX_INT32, default=0
+            ),
+            date_issue_start=start,
+            date_issue_end=end,
+        )
+
+
+async def ensure_group(redis: Redis, coupon_id: int) -> None:
+    """Create the request stream and its consumer group, reading from the very beginning."""
+    try:
+        await redis.xgroup_create(keys.CouponKeys(coupon_id).requests, keys.GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def publish_state(redis: Redis, coupon: Coupon) -> None:
+    """Write the coupon's Redis snapshot and tell every gateway and worker about it."""
+    k = keys.CouponKeys(coupon.id)
+    await ensure_group(redis, coupon.id)
+    await redis.hset(k.meta, mapping=coupon.to_meta())  # type: ignore[arg-type]
+    await redis.sadd(keys.ACTIVE_COUPONS, coupon.id)  # type: ignore[misc]
+    await redis.publish(keys.CHANGES_CHANNEL, coupon.id)
+
+
+async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Coupon:
+    """Insert the MySQL row, then initialise the Redis state so the coupon is ready to issue.
+
+    If Redis cannot be written the row is deleted again, so a coupon exists either in both
+    stores or in neither.
+    """
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "INSERT INTO coupons (title, coupon_type, total_quantity, discount_amount,"
+            " min_available_amount, date_issue_start, date_issue_end)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                new.title,
+                COUPON_TYPE,
+                new.total_quantity,
+                new.discount_amount,
+                new.min_available_amount,
+                utc_naive(new.date_issue_start),
+                utc_naive(new.date_issue_end),
+            ),
+        )
+        coupon_id = int(cur.lastrowid)
+        await conn.commit()
+    coupon = Coupon(id=coupon_id, **dataclasses.asdict(new))
+    try:
+        await publish_state(redis, coupon)
+    except RedisError as exc:
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute("DELETE FROM coupons WHERE id = %s", (coupon_id,))
+            await conn.commit()
+        log.error("coupon_create_rolled_back", coupon_id=coupon_id, error=str(exc))
+        raise Unavailable("Redis is unreachable; the coupon was not created") from exc
+    log.info("coupon_created", coupon_id=coupon_id, total_quantity=new.total_quantity)
+    return coupon
+
+
+async def load_snapshot(redis: Redis, coupon_id: int) -> Coupon | None:
+    """The coupon as Redis knows it, or None when Redis has no state for it."""
+    meta = await redis.hgetall(keys.CouponKeys(coupon_id).meta)  # type: ignore[misc]
+    if not meta:
+        return None
+    return Coupon.from_meta({_s(k): _s(v) for k, v in meta.items()})
+
+
+async def fetch_coupon(pool: aiomysql.Pool, coupon_id: int) -> Coupon | None:
+    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        await cur.execute("SELECT * FROM coupons WHERE id = %s", (coupon_id,))
+        row = await cur.fetchone()
+        await conn.rollback()
+    return None if row is None else Coupon.from_row(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Where every accepted request of one coupon stands (DESIGN §6, invariant I5)."""
+
+    requested: int
+    issued: int
+    issued_quantity: int
+    pending: int
+    dead_lettered: int
+    remaining: int | None
+    reserved: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+async def counters(pool: aiomysql.Pool, redis: Redis, coupon: Coupon) -> Counters:
+    """Read the counters from both stores; between a commit and its ack an entry shows twice."""
+    k = keys.CouponKeys(coupon.id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_stream(k.requests)
+        pipe.xinfo_groups(k.requests)
+        pipe.xlen(k.dead)
+        pipe.scard(k.users)
+        stream, groups, dead, reserved = await pipe.execute(raise_on_error=False)
+    if isinstance(stream, ResponseError):
+        requested, pending = 0, 0
+    else:
+        requested = int(stream["entries-added"])
+        group = next((g for g in groups if _s(g["name"]) == keys.GROUP), None)
+        pending = 0 if group is None else int(group["pending"]) + int(group.get("lag") or 0)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT c.issued_quantity, (SELECT COUNT(*) FROM coupon_issues i"
+            " WHERE i.coupon_id = c.id) FROM coupons c WHERE c.id = %s",
+            (coupon.id,),
+        )
+        row = await cur.fetchone()
+        await conn.rollback()
+    issued_quantity, issued = (0, 0) if row is None else (int(row[0]), int(row[1]))
+    total = coupon.total_quantity
+    return Counters(
+        requested=requested,
+        issued=issued,
+        issued_quantity=issued_quantity,
+        pending=pending,
+        dead_lettered=int(dead),
+        remaining=None if total is None else max(total - int(reserved), 0),
+        reserved=int(reserved),
+    )
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

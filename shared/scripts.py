@@ -1,0 +1,98 @@
+"""The Lua scripts, kept as ``.lua`` package files and registered once per Redis client."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from shared import keys
+
+
+class IssueResult(enum.IntEnum):
+    """Per-user result codes of ``issue.lua``."""
+
+    ACCEPTED = 0
+    DUPLICATE = 1
+    SOLD_OUT = 2
+    NOT_STARTED = 3
+    ENDED = 4
+    PAUSED = 5
+
+
+def _source(name: str) -> str:
+    return resources.files("shared.lua").joinpath(name).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One user's outcome from a reservation batch."""
+
+    result: IssueResult
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcome:
+    """What one ``issue.lua`` call decided."""
+
+    state_missing: bool
+    redis_time_ms: int
+    remaining: int | None
+    reservations: list[Reservation]
+
+
+class Scripts:
+    """The project's scripts bound to one Redis client (EVALSHA, loaded on first use)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._issue: AsyncScript = redis.register_script(_source("issue.lua"))
+        self._release: AsyncScript = redis.register_script(_source("release.lua"))
+
+    async def reserve(self, coupon_id: int, user_ids: list[int]) -> BatchOutcome:
+        """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
+        k = keys.CouponKeys(coupon_id)
+        raw: list[Any] = await self._issue(
+            keys=[k.meta, k.users, k.requests, k.failed], args=[coupon_id, *user_ids]
+        )
+        status, now_ms, remaining = int(raw[0]), int(raw[1]), int(raw[2])
+        if status == 1:
+            return BatchOutcome(True, now_ms, None, [])
+        flat = raw[3:]
+        reservations = [
+            Reservation(IssueResult(int(flat[i])), _text(flat[i + 1]))
+            for i in range(0, len(flat), 2)
+        ]
+        return BatchOutcome(False, now_ms, None if remaining < 0 else remaining, reservations)
+
+    async def release(
+        self,
+        coupon_id: int,
+        entry_id: str,
+        user_id: int | None,
+        reason: str,
+        deliveries: int,
+    ) -> bool:
+        """Dead-letter a pending entry and release its slot; False if it was no longer pending."""
+        k = keys.CouponKeys(coupon_id)
+        done = await self._release(
+            keys=[k.users, k.requests, k.dead, k.failed],
+            args=[
+                keys.GROUP,
+                entry_id,
+                "" if user_id is None else user_id,
+                reason,
+                deliveries,
+                keys.CHANGES_CHANNEL,
+                coupon_id,
+            ],
+        )
+        return bool(done)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

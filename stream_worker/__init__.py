@@ -1,0 +1,1 @@
+"""The stream worker: Redis Stream consumer group -> MySQL rows."""

@@ -1,0 +1,352 @@
+"""The stream worker: consumer group ``issuers`` on every active coupon's request stream.
+
+Per batch: XREADGROUP, one MySQL transaction, COMMIT, then XACK. An entry is acknowledged only
+after its row is committed, so a crash anywhere leaves it pending; pending entries are re-read
+on start (same consumer name) or taken over by another worker's reclaimer (XAUTOCLAIM). The
+MySQL write is idempotent, so a second delivery is harmless. An entry delivered more than
+``max_deliveries`` times is dead-lettered and its stock slot released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiomysql
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from shared import keys, metrics
+from shared.coupons import ensure_group
+from shared.scripts import Scripts
+from shared.settings import Settings
+from stream_worker import writer
+from stream_worker.writer import BatchResult, Entry, Malformed
+
+log = structlog.get_logger(__name__)
+
+Delivered = tuple[int, str, dict[str, str]]
+"""(coupon id, entry id, fields) as read from a stream."""
+
+
+def _coupon_of(stream: str) -> int:
+    # "{coupon:42}:requests" -> 42
+    return int(stream[len("{coupon:") : stream.index("}")])
+
+
+class Worker:
+    """Moves accepted requests from Redis Streams into MySQL rows."""
+
+    def __init__(self, redis: Redis, pool: aiomysql.Pool, settings: Settings) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._settings = settings
+        self._scripts = Scripts(redis)
+        self.name = settings.worker_name
+        self._streams: dict[str, int] = {}
+        self._stopping = asyncio.Event()
+        self._next_discovery = 0.0
+        self._next_reclaim = 0.0
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from :meth:`run`."""
+        self._stopping.set()
+
+    async def run(self, *, burst: bool = False) -> None:
+        """Process entries until :meth:`stop`; with ``burst``, until there is nothing left.
+
+        Burst mode reads without blocking and reclaims idle entries of other consumers, then
+        returns once a full pass finds nothing to do, so tests need no sleeps.
+        """
+        log.info("worker_started", consumer=self.name, burst=burst)
+        await self._discover()
+        await self._process_own_pending()
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            if now >= self._next_discovery:
+                await self._discover()
+            did_work = False
+            if now >= self._next_reclaim or burst:
+                did_work = await self._reclaim()
+                self._next_reclaim = now + self._settings.reclaim_idle_ms / 2000
+            delivered = await self._read(block=not burst)
+            if delivered:
+                await self._handle(delivered)
+                did_work = True
+            if burst and not did_work:
+                break
+        log.info("worker_stopped", consumer=self.name)
+
+    async def _discover(self) -> None:
+        """Pick up coupons created since the last look, without a restart."""
+        self._next_discovery = time.monotonic() + self._settings.discovery_interval_seconds
+        try:
+            ids = await self._redis.smembers(keys.ACTIVE_COUPONS)  # type: ignore[misc]
+            for raw in ids:
+                coupon_id = int(raw)
+                stream = keys.CouponKeys(coupon_id).requests
+                if stream not in self._streams:
+                    await ensure_group(self._redis, coupon_id)
+                    self._streams[stream] = coupon_id
+                    log.info("stream_discovered", coupon_id=coupon_id)
+        except (RedisError, OSError) as exc:
+            log.warning("discovery_failed", error=repr(exc))
+
+    async def _read(self, *, block: bool) -> list[Delivered]:
+        if not self._streams:
+            if block:
+                await self._pause(self._settings.block_ms / 1000)
+            return []
+        try:
+            reply = await self._redis.xreadgroup(
+                keys.GROUP,
+                self.name,
+                dict.fromkeys(self._streams, ">"),
+                count=self._settings.batch_size,
+                block=self._settings.block_ms if block else None,
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("read_failed", error=repr(exc))
+            await self._pause(1.0)
+            return []
+        return _flatten(reply)
+
+    async def _process_own_pending(self) -> None:
+        """Re-read what this consumer name had in hand before a restart, and settle it."""
+        for stream, coupon_id in list(self._streams.items()):
+            last = "0"
+            while not self._stopping.is_set():
+                try:
+                    reply = await self._redis.xreadgroup(
+                        keys.GROUP, self.name, {stream: last}, count=self._settings.batch_size
+                    )
+                except (RedisError, OSError) as exc:
+                    log.warning("pending_read_failed", coupon_id=coupon_id, error=repr(exc))
+                    break
+                delivered = _flatten(reply)
+                if not delivered:
+                    break
+                log.info("own_pending_recovered", coupon_id=coupon_id, entries=len(delivered))
+                await self._handle(delivered)
+                last = delivered[-1][1]
+
+    async def _reclaim(self) -> bool:
+        """Take over entries idle longer than ``reclaim_idle_ms``; dead-letter the hopeless."""
+        found = False
+        for stream, coupon_id in list(self._streams.items()):
+            start = "0-0"
+            for _ in range(100):  # bounded: at most 100 pages per stream per pass
+                try:
+                    start, claimed, _deleted = await self._redis.xautoclaim(
+                        stream,
+                        keys.GROUP,
+                        self.name,
+                        self._settings.reclaim_idle_ms,
+                        start,
+                        count=self._settings.batch_size,
+                    )
+                    if not claimed:
+                        break
+                    deliveries = await self._delivery_counts(stream, claimed)
+                except (RedisError, OSError) as exc:
+                    log.warning("reclaim_failed", coupon_id=coupon_id, error=repr(exc))
+                    break
+                found = True
+                metrics.WORKER_ENTRIES.labels("reclaimed").inc(len(claimed))
+                limit = self._settings.max_deliveries
+                hopeless = [(coupon_id, i, f) for i, f in claimed if deliveries.get(i, 0) > limit]
+                retry = [(coupon_id, i, f) for i, f in claimed if deliveries.get(i, 0) <= limit]
+                log.info("entries_reclaimed", coupon_id=coupon_id, retry=len(retry),
+                         dead_letter=len(hopeless))
+                if retry:
+                    await self._handle(retry)
+                if hopeless:
+                    await self._dead_letter(hopeless, deliveries, "max_deliveries")
+                if start == "0-0":
+                    break
+        return found
+
+    async def _delivery_counts(
+        self, stream: str, claimed: Sequence[tuple[str, Any]]
+    ) -> dict[str, int]:
+        ids = [entry_id for entry_id, _ in claimed]
+        rows = await self._redis.xpending_range(
+            stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) * 2, consumername=self.name
+        )
+        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+
+    async def _handle(self, delivered: list[Delivered]) -> None:
+        """Commit a batch to MySQL, then acknowledge it. Malformed entries stay pending."""
+        entries: list[Entry] = []
+        for coupon_id, entry_id, fields in delivered:
+            try:
+                entries.append(Entry.parse(coupon_id, entry_id, fields))
+            except Malformed as exc:
+                metrics.WORKER_ENTRIES.labels("malformed").inc()
+                log.warning("entry_malformed", coupon_id=coupon_id, entry_id=entry_id, error=str(exc))
+        if not entries:
+            return
+        result = await self._commit(entries)
+        if result is None:
+            return
+        await self._acknowledge(result)
+
+    async def _commit(self, entries: list[Entry]) -> BatchResult | None:
+        """Write the batch, retrying transient MySQL failures until it lands or we stop.
+
+        While retrying, the entries are re-claimed (JUSTID, which does not count a delivery)
+        so other workers do not take them over and an outage never dead-letters anything.
+        A data error splits the batch in halves until the bad entry stands alone; it is left
+        pending for the delivery limit to catch.
+        """
+        delay = 0.05
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await writer.write_batch(self._pool, entries)
+            except Exception as exc:
+                if not writer.is_transient(exc):
+                    return await self._bisect(entries, exc)
+                metrics.WORKER_MYSQL_UP.set(0)
+                log.warning("mysql_unavailable", entries=len(entries), retry_in=delay, error=repr(exc))
+                if self._stopping.is_set() and delay >= self._settings.mysql_retry_max_seconds:
+                    log.warning("batch_abandoned_at_shutdown", entries=len(entries))
+                    return None
+                await self._keep_claimed(entries)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.mysql_retry_max_seconds)
+                continue
+            metrics.WORKER_MYSQL_UP.set(1)
+            metrics.WORKER_COMMIT_SECONDS.observe(time.perf_counter() - started)
+            metrics.WORKER_BATCH_SIZE.observe(len(entries))
+            return result
+
+    async def _bisect(self, entries: list[Entry], exc: Exception) -> BatchResult | None:
+        if len(entries) == 1:
+            metrics.WORKER_ENTRIES.labels("failed").inc()
+            log.error("entry_failed", entry_id=entries[0].entry_id, coupon_id=entries[0].coupon_id,
+                      error=repr(exc))
+            return None
+        middle = len(entries) // 2
+        for half in (entries[:middle], entries[middle:]):
+            result = await self._commit(half)
+            if result is not None:
+                await self._acknowledge(result)
+        return BatchResult()
+
+    async def _keep_claimed(self, entries: Sequence[Entry]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(keys.CouponKeys(entry.coupon_id).requests, []).append(entry.entry_id)
+        try:
+            for stream, ids in by_stream.items():
+                await self._redis.xclaim(stream, keys.GROUP, self.name, 0, ids, justid=True)
+        except (RedisError, OSError) as exc:
+            log.warning("keep_claimed_failed", error=repr(exc))
+
+    async def _acknowledge(self, result: BatchResult) -> None:
+        """Mark issued users and XACK, then release the dead-lettered; retried until done."""
+        by_coupon: dict[int, list[Entry]] = {}
+        for entry in result.issued:
+            by_coupon.setdefault(entry.coupon_id, []).append(entry)
+        for coupon_id, entries in by_coupon.items():
+            k = keys.CouponKeys(coupon_id)
+
+            async def ack(k: keys.CouponKeys = k, entries: list[Entry] = entries) -> None:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.sadd(k.issued, *(e.user_id for e in entries))
+                    pipe.xack(k.requests, keys.GROUP, *(e.entry_id for e in entries))
+                    await pipe.execute()
+
+            await self._until_done(ack)
+        if result.to_dead_letter:
+            await self._release(result.to_dead_letter, "over_cap", {})
+        metrics.WORKER_ENTRIES.labels("committed").inc(len(result.inserted))
+        metrics.WORKER_ENTRIES.labels("already_issued").inc(len(result.already_issued))
+        if result.inserted or result.already_issued:
+            log.info("batch_committed", inserted=len(result.inserted),
+                     already_issued=len(result.already_issued),
+                     dead_lettered=len(result.to_dead_letter),
+                     unknown_coupon=len(result.unknown_coupon))
+        if result.unknown_coupon:
+            log.warning("coupon_missing_in_mysql", entries=len(result.unknown_coupon))
+
+    async def _dead_letter(
+        self, hopeless: list[Delivered], deliveries: dict[str, int], reason: str
+    ) -> None:
+        """Give up on entries: decided in MySQL first (a late commit wins), then released."""
+        entries: list[Entry] = []
+        for coupon_id, entry_id, fields in hopeless:
+            try:
+                entries.append(Entry.parse(coupon_id, entry_id, fields))
+            except Malformed:
+                # No user can ever hold a row for it; release what it names, if anything.
+                user = fields.get("u", "")
+                user_id = int(user) if user.isdigit() and 0 < int(user) < 2**63 else None
+                await self._until_done(
+                    lambda c=coupon_id, e=entry_id, u=user_id: self._scripts.release(
+                        c, e, u, "malformed", deliveries.get(e, 0)
+                    )
+                )
+                metrics.WORKER_ENTRIES.labels("dead_lettered").inc()
+                log.warning("entry_dead_lettered", coupon_id=coupon_id, entry_id=entry_id,
+                            reason="malformed")
+        if not entries:
+            return
+        try:
+            result = await writer.dead_letter(self._pool, entries, reason)
+        except Exception as exc:  # noqa: BLE001 - retried on the next reclaim pass
+            log.warning("dead_letter_deferred", entries=len(entries), error=repr(exc))
+            return
+        await self._acknowledge(BatchResult(already_issued=result.already_issued))
+        await self._release(result.to_dead_letter, reason, deliveries)
+
+    async def _release(self, entries: list[Entry], reason: str, deliveries: dict[str, int]) -> None:
+        for entry in entries:
+            await self._until_done(
+                lambda e=entry: self._scripts.release(
+                    e.coupon_id, e.entry_id, e.user_id, reason, deliveries.get(e.entry_id, 0)
+                )
+            )
+            metrics.WORKER_ENTRIES.labels("dead_lettered").inc()
+            log.warning("entry_dead_lettered", coupon_id=entry.coupon_id, entry_id=entry.entry_id,
+                        user_id=entry.user_id, reason=reason)
+
+    async def _until_done(self, action: Any) -> None:
+        """Retry a Redis write after a commit until it succeeds or we stop.
+
+        Giving up is safe: the entry stays pending and its redelivery is idempotent.
+        """
+        delay = 0.05
+        while True:
+            try:
+                await action()
+                return
+            except (RedisError, OSError) as exc:
+                if self._stopping.is_set():
+                    log.warning("ack_abandoned_at_shutdown", error=repr(exc))
+                    return
+                log.warning("ack_failed", retry_in=delay, error=repr(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            pass
+
+
+def _flatten(reply: Any) -> list[Delivered]:
+    """XREADGROUP's nested reply as a flat list, skipping entries deleted while pending."""
+    delivered: list[Delivered] = []
+    for stream, entries in reply or []:
+        coupon_id = _coupon_of(stream)
+        for entry_id, fields in entries:
+            if fields is None:
+                continue
+            delivered.append((coupon_id, entry_id, fields))
+    return delivered
