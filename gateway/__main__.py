@@ -23,8 +23,13 @@ def main() -> None:
     log = structlog.get_logger("gateway")
     if settings.admin_token is None:
         log.warning("admin_api_disabled", reason="COUPON_ADMIN_TOKEN is not set")
-    log.info("gateway_starting", host=settings.http_host, port=settings.http_port,
-             redis=settings.redis_url, mysql=settings.mysql.redacted())
+    log.info(
+        "gateway_starting",
+        host=settings.http_host,
+        port=settings.http_port,
+        redis=settings.redis_url,
+        mysql=settings.mysql.redacted(),
+    )
     try:
         web.run_app(
             create_app(settings),

@@ -33,7 +33,9 @@ def require_admin(request: web.Request) -> None:
 async def create_coupon(request: web.Request) -> web.Response:
     require_admin(request)
     new = coupons.NewCoupon.from_json(await json_object(request))
-    coupon = await coupons.create_coupon(request.app[appkeys.MYSQL], request.app[appkeys.REDIS], new)
+    coupon = await coupons.create_coupon(
+        request.app[appkeys.MYSQL], request.app[appkeys.REDIS], new
+    )
     return json_response(coupon.public(), status=201)
 
 

@@ -24,7 +24,7 @@ log = structlog.get_logger(__name__)
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
     redis = redis_client.connect(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
-    await redis.ping()  # type: ignore[misc]
+    await redis.ping()
     app[appkeys.REDIS] = redis
     app[appkeys.SCRIPTS] = Scripts(redis)
     yield

@@ -21,13 +21,16 @@ from shared.scripts import BatchOutcome, Reservation, Scripts
 log = structlog.get_logger(__name__)
 
 
+_Waiter = tuple[int, "asyncio.Future[Reservation]"]
+
+
 class StateMissing(Exception):
     """Redis holds no state for the coupon."""
 
 
 @dataclass(slots=True)
 class _Queue:
-    waiting: list[tuple[int, asyncio.Future[Reservation]]] = field(default_factory=list)
+    waiting: list[_Waiter] = field(default_factory=list)
     scheduled: bool = False
     in_flight: bool = False
 
@@ -71,9 +74,7 @@ class Coalescer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call(
-        self, coupon_id: int, batch: list[tuple[int, asyncio.Future[Reservation]]]
-    ) -> None:
+    async def _call(self, coupon_id: int, batch: list[_Waiter]) -> None:
         started = time.perf_counter()
         try:
             outcome = await asyncio.wait_for(
@@ -81,24 +82,17 @@ class Coalescer:
             )
         except (RedisError, TimeoutError, OSError) as exc:
             log.warning("reserve_failed", coupon_id=coupon_id, batch=len(batch), error=repr(exc))
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            _settle(batch, error=exc)
         else:
-            elapsed = time.perf_counter() - started
-            metrics.RESERVE_SECONDS.observe(elapsed)
+            metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)
             metrics.RESERVE_BATCH_SIZE.observe(len(batch))
             self.redis_clock_offset_ms = outcome.redis_time_ms - int(time.time() * 1000)
             for callback in self.on_outcome:
                 callback(coupon_id, outcome)
             if outcome.state_missing:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(StateMissing(coupon_id))
+                _settle(batch, error=StateMissing(coupon_id))
             else:
-                for (_, future), reservation in zip(batch, outcome.reservations, strict=True):
-                    if not future.done():
-                        future.set_result(reservation)
+                _settle(batch, results=outcome.reservations)
         finally:
             queue = self._queues[coupon_id]
             queue.in_flight = False
@@ -111,3 +105,19 @@ class Coalescer:
         """Wait for every in-flight call (graceful shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _settle(
+    batch: list[_Waiter],
+    *,
+    results: list[Reservation] | None = None,
+    error: BaseException | None = None,
+) -> None:
+    """Resolve every waiter of a batch (a waiter whose request was cancelled is skipped)."""
+    for index, (_, future) in enumerate(batch):
+        if future.done():
+            continue
+        if results is not None:
+            future.set_result(results[index])
+        else:
+            future.set_exception(error or RuntimeError("batch settled without a result"))

@@ -78,7 +78,10 @@ class Issuer:
         offset = self._coalescer.redis_clock_offset_ms
         if offset is not None:
             now_ms = int(time.time() * 1000) + offset
-            if now_ms < coupon.start_ms - WINDOW_MARGIN_MS or now_ms >= coupon.end_ms + WINDOW_MARGIN_MS:
+            if (
+                now_ms < coupon.start_ms - WINDOW_MARGIN_MS
+                or now_ms >= coupon.end_ms + WINDOW_MARGIN_MS
+            ):
                 metrics.ISSUE_REQUESTS.labels("outside_window").inc()
                 raise OutsideWindow(f"coupon {coupon.id} is outside its issue window")
         if self._snapshots.is_sold_out(coupon.id):

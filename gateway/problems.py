@@ -70,11 +70,17 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = problem_response(exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason)
+        response = problem_response(
+            exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason
+        )
     except Exception:
         log.exception("unhandled_error", request_id=request_id, path=request.path)
-        response = problem_response(500, "FAIL_COUPON_ISSUE_REQUEST", "Internal error",
-                                    "An unexpected error occurred; it has been logged.")
+        response = problem_response(
+            500,
+            "FAIL_COUPON_ISSUE_REQUEST",
+            "Internal error",
+            "An unexpected error occurred; it has been logged.",
+        )
     response.headers["X-Request-ID"] = request_id[:128]
     elapsed = time.perf_counter() - started
     route = _route_name(request)

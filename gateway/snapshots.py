@@ -98,7 +98,7 @@ class SnapshotCache:
                 await _wait(stop, delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _apply(self, data: str | bytes) -> None:
         try:

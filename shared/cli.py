@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from shared import coupons, db, redis_client
 from shared.errors import AppError
 from shared.settings import ConfigError, Settings
 
-Command = Callable[[Settings, argparse.Namespace], Awaitable[Any]]
+Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, Any]]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     sub = parser.add_subparsers(dest="noun", required=True)
 
-    database = sub.add_parser("db", help="the MySQL schema").add_subparsers(dest="verb", required=True)
+    database = sub.add_parser("db", help="the MySQL schema").add_subparsers(
+        dest="verb", required=True
+    )
     database.add_parser("migrate", help="create the database if missing and apply migrations")
 
     coupon = sub.add_parser("coupon", help="coupons").add_subparsers(dest="verb", required=True)
@@ -113,14 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        result = asyncio.run(COMMANDS[(args.noun, args.verb)](settings, args))
+        result: Any = asyncio.run(COMMANDS[(args.noun, args.verb)](settings, args))
     except (ConfigError, AppError, ValueError) as exc:
         print(f"couponctl: {exc}", file=sys.stderr)
         return 1
     except (RedisError, OSError) as exc:
         print(f"couponctl: cannot reach a server: {exc}", file=sys.stderr)
         return 1
-    except Exception as exc:  # noqa: BLE001 - one clear line for an operator, not a traceback
+    except Exception as exc:
         print(f"couponctl: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared import keys
-from shared.errors import InvalidRequest, Unavailable
+from shared.errors import InvalidRequest, OutsideWindow, SoldOut, Unavailable
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +64,25 @@ class Coupon:
     @property
     def end_ms(self) -> int:
         return to_ms(self.date_issue_end)
+
+    def has_stock(self, issued: int) -> bool:
+        """Room for one more issue after ``issued`` (always, when unlimited)."""
+        return self.total_quantity is None or self.total_quantity > issued
+
+    def in_window(self, now: datetime) -> bool:
+        """Issuable at ``now``: start inclusive, end exclusive (the seed excluded both)."""
+        return self.date_issue_start <= now < self.date_issue_end
+
+    def is_issue_complete(self, now: datetime, issued: int) -> bool:
+        """Nothing more can be issued: the window has ended or the stock is gone."""
+        return now >= self.date_issue_end or not self.has_stock(issued)
+
+    def check_issuable(self, now: datetime, issued: int) -> None:
+        """Raise why one more issue is impossible: stock first, then the window (seed order)."""
+        if not self.has_stock(issued):
+            raise SoldOut(f"coupon {self.id} is sold out ({issued} of {self.total_quantity})")
+        if not self.in_window(now):
+            raise OutsideWindow(f"coupon {self.id} cannot be issued at {iso(now)}")
 
     def to_meta(self) -> dict[str, str | int]:
         """The ``{coupon:ID}:meta`` hash."""
@@ -128,7 +147,7 @@ def _int_field(body: dict[str, Any], name: str, *, low: int, high: int, default:
         raise InvalidRequest(f"{name} must be an integer")
     if not low <= value <= high:
         raise InvalidRequest(f"{name} must be between {low} and {high}")
-    return value
+    return int(value)
 
 
 def _datetime_field(body: dict[str, Any], name: str) -> datetime:
@@ -185,7 +204,9 @@ class NewCoupon:
 async def ensure_group(redis: Redis, coupon_id: int) -> None:
     """Create the request stream and its consumer group, reading from the very beginning."""
     try:
-        await redis.xgroup_create(keys.CouponKeys(coupon_id).requests, keys.GROUP, id="0", mkstream=True)
+        await redis.xgroup_create(
+            keys.CouponKeys(coupon_id).requests, keys.GROUP, id="0", mkstream=True
+        )
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
@@ -196,7 +217,7 @@ async def publish_state(redis: Redis, coupon: Coupon) -> None:
     k = keys.CouponKeys(coupon.id)
     await ensure_group(redis, coupon.id)
     await redis.hset(k.meta, mapping=coupon.to_meta())  # type: ignore[arg-type]
-    await redis.sadd(keys.ACTIVE_COUPONS, coupon.id)  # type: ignore[misc]
+    await redis.sadd(keys.ACTIVE_COUPONS, coupon.id)
     await redis.publish(keys.CHANGES_CHANNEL, coupon.id)
 
 
@@ -238,7 +259,7 @@ async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Co
 
 async def load_snapshot(redis: Redis, coupon_id: int) -> Coupon | None:
     """The coupon as Redis knows it, or None when Redis has no state for it."""
-    meta = await redis.hgetall(keys.CouponKeys(coupon_id).meta)  # type: ignore[misc]
+    meta = await redis.hgetall(keys.CouponKeys(coupon_id).meta)
     if not meta:
         return None
     return Coupon.from_meta({_s(k): _s(v) for k, v in meta.items()})

@@ -62,7 +62,9 @@ def _statements(sql: str) -> list[str]:
     without_comments = "\n".join(
         line for line in sql.splitlines() if not line.lstrip().startswith("--")
     )
-    return [part.strip() for part in re.split(r";\s*$", without_comments, flags=re.M) if part.strip()]
+    return [
+        part.strip() for part in re.split(r";\s*$", without_comments, flags=re.M) if part.strip()
+    ]
 
 
 async def migrate(dsn: MySQLDsn) -> list[str]:

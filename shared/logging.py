@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import orjson
 import structlog
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure(log_format: str = "auto", level: str = "info") -> None:
@@ -21,12 +26,12 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if as_json:
-        processors = [
+        processors: list[structlog.types.Processor] = [
             *shared_processors,
             structlog.processors.dict_tracebacks,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
-        logger_factory: structlog.types.WrappedLogger = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        logger_factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
         processors = [*shared_processors, structlog.dev.ConsoleRenderer(colors=False)]
         logger_factory = structlog.PrintLoggerFactory(sys.stderr)

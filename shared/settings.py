@@ -124,7 +124,9 @@ class Settings:
         # The worker's blocking read must return well before redis-py's socket timeout fires,
         # or an idle stream looks like a dead connection.
         if self.block_ms / 1000 >= self.redis_socket_timeout_worker - 1:
-            raise ConfigError("COUPON_BLOCK_MS must be at least 1 s under the worker socket timeout")
+            raise ConfigError(
+                "COUPON_BLOCK_MS must be at least 1 s under the worker socket timeout"
+            )
 
     @property
     def mysql(self) -> MySQLDsn:

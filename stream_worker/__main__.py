@@ -13,7 +13,8 @@ import structlog
 import uvloop
 from prometheus_client import start_http_server
 
-from shared import db, logging as shared_logging, redis_client
+from shared import db, redis_client
+from shared import logging as shared_logging
 from shared.settings import ConfigError, Settings
 from stream_worker.worker import Worker
 
@@ -23,7 +24,7 @@ async def serve(settings: Settings, *, burst: bool = False) -> None:
     redis = redis_client.connect(
         settings.redis_url, socket_timeout=settings.redis_socket_timeout_worker, max_connections=8
     )
-    await redis.ping()  # type: ignore[misc]
+    await redis.ping()
     pool = await db.create_pool(settings.mysql, minsize=1, maxsize=2)
     worker = Worker(redis, pool, settings)
     loop = asyncio.get_running_loop()

@@ -84,7 +84,7 @@ class Worker:
         """Pick up coupons created since the last look, without a restart."""
         self._next_discovery = time.monotonic() + self._settings.discovery_interval_seconds
         try:
-            ids = await self._redis.smembers(keys.ACTIVE_COUPONS)  # type: ignore[misc]
+            ids = await self._redis.smembers(keys.ACTIVE_COUPONS)
             for raw in ids:
                 coupon_id = int(raw)
                 stream = keys.CouponKeys(coupon_id).requests
@@ -159,8 +159,12 @@ class Worker:
                 limit = self._settings.max_deliveries
                 hopeless = [(coupon_id, i, f) for i, f in claimed if deliveries.get(i, 0) > limit]
                 retry = [(coupon_id, i, f) for i, f in claimed if deliveries.get(i, 0) <= limit]
-                log.info("entries_reclaimed", coupon_id=coupon_id, retry=len(retry),
-                         dead_letter=len(hopeless))
+                log.info(
+                    "entries_reclaimed",
+                    coupon_id=coupon_id,
+                    retry=len(retry),
+                    dead_letter=len(hopeless),
+                )
                 if retry:
                     await self._handle(retry)
                 if hopeless:
@@ -176,7 +180,7 @@ class Worker:
         rows = await self._redis.xpending_range(
             stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) * 2, consumername=self.name
         )
-        return {row["message_id"]: int(row["times_delivered"]) for row in rows}
+        return {str(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _handle(self, delivered: list[Delivered]) -> None:
         """Commit a batch to MySQL, then acknowledge it. Malformed entries stay pending."""
@@ -186,7 +190,9 @@ class Worker:
                 entries.append(Entry.parse(coupon_id, entry_id, fields))
             except Malformed as exc:
                 metrics.WORKER_ENTRIES.labels("malformed").inc()
-                log.warning("entry_malformed", coupon_id=coupon_id, entry_id=entry_id, error=str(exc))
+                log.warning(
+                    "entry_malformed", coupon_id=coupon_id, entry_id=entry_id, error=str(exc)
+                )
         if not entries:
             return
         result = await self._commit(entries)
@@ -211,7 +217,9 @@ class Worker:
                 if not writer.is_transient(exc):
                     return await self._bisect(entries, exc)
                 metrics.WORKER_MYSQL_UP.set(0)
-                log.warning("mysql_unavailable", entries=len(entries), retry_in=delay, error=repr(exc))
+                log.warning(
+                    "mysql_unavailable", entries=len(entries), retry_in=delay, error=repr(exc)
+                )
                 if self._stopping.is_set() and delay >= self._settings.mysql_retry_max_seconds:
                     log.warning("batch_abandoned_at_shutdown", entries=len(entries))
                     return None
@@ -227,8 +235,12 @@ class Worker:
     async def _bisect(self, entries: list[Entry], exc: Exception) -> BatchResult | None:
         if len(entries) == 1:
             metrics.WORKER_ENTRIES.labels("failed").inc()
-            log.error("entry_failed", entry_id=entries[0].entry_id, coupon_id=entries[0].coupon_id,
-                      error=repr(exc))
+            log.error(
+                "entry_failed",
+                entry_id=entries[0].entry_id,
+                coupon_id=entries[0].coupon_id,
+                error=repr(exc),
+            )
             return None
         middle = len(entries) // 2
         for half in (entries[:middle], entries[middle:]):
@@ -238,9 +250,11 @@ class Worker:
         return BatchResult()
 
     async def _keep_claimed(self, entries: Sequence[Entry]) -> None:
-        by_stream: dict[str, list[str]] = {}
+        by_stream: dict[str, list[int | bytes | str | memoryview[int]]] = {}
         for entry in entries:
-            by_stream.setdefault(keys.CouponKeys(entry.coupon_id).requests, []).append(entry.entry_id)
+            by_stream.setdefault(keys.CouponKeys(entry.coupon_id).requests, []).append(
+                entry.entry_id
+            )
         try:
             for stream, ids in by_stream.items():
                 await self._redis.xclaim(stream, keys.GROUP, self.name, 0, ids, justid=True)
@@ -267,10 +281,13 @@ class Worker:
         metrics.WORKER_ENTRIES.labels("committed").inc(len(result.inserted))
         metrics.WORKER_ENTRIES.labels("already_issued").inc(len(result.already_issued))
         if result.inserted or result.already_issued:
-            log.info("batch_committed", inserted=len(result.inserted),
-                     already_issued=len(result.already_issued),
-                     dead_lettered=len(result.to_dead_letter),
-                     unknown_coupon=len(result.unknown_coupon))
+            log.info(
+                "batch_committed",
+                inserted=len(result.inserted),
+                already_issued=len(result.already_issued),
+                dead_lettered=len(result.to_dead_letter),
+                unknown_coupon=len(result.unknown_coupon),
+            )
         if result.unknown_coupon:
             log.warning("coupon_missing_in_mysql", entries=len(result.unknown_coupon))
 
@@ -292,13 +309,17 @@ class Worker:
                     )
                 )
                 metrics.WORKER_ENTRIES.labels("dead_lettered").inc()
-                log.warning("entry_dead_lettered", coupon_id=coupon_id, entry_id=entry_id,
-                            reason="malformed")
+                log.warning(
+                    "entry_dead_lettered",
+                    coupon_id=coupon_id,
+                    entry_id=entry_id,
+                    reason="malformed",
+                )
         if not entries:
             return
         try:
             result = await writer.dead_letter(self._pool, entries, reason)
-        except Exception as exc:  # noqa: BLE001 - retried on the next reclaim pass
+        except Exception as exc:
             log.warning("dead_letter_deferred", entries=len(entries), error=repr(exc))
             return
         await self._acknowledge(BatchResult(already_issued=result.already_issued))
@@ -312,8 +333,13 @@ class Worker:
                 )
             )
             metrics.WORKER_ENTRIES.labels("dead_lettered").inc()
-            log.warning("entry_dead_lettered", coupon_id=entry.coupon_id, entry_id=entry.entry_id,
-                        user_id=entry.user_id, reason=reason)
+            log.warning(
+                "entry_dead_lettered",
+                coupon_id=entry.coupon_id,
+                entry_id=entry.entry_id,
+                user_id=entry.user_id,
+                reason=reason,
+            )
 
     async def _until_done(self, action: Any) -> None:
         """Retry a Redis write after a commit until it succeeds or we stop.

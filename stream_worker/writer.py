@@ -110,7 +110,9 @@ def is_transient(exc: BaseException) -> bool:
 def _by_coupon(entries: Iterable[Entry]) -> list[tuple[int, list[Entry]]]:
     """Group entries by coupon in ascending id order (one lock order for every worker)."""
     ordered = sorted(entries, key=lambda e: (e.coupon_id, e.sort_key))
-    return [(cid, list(group)) for cid, group in itertools.groupby(ordered, key=lambda e: e.coupon_id)]
+    return [
+        (cid, list(group)) for cid, group in itertools.groupby(ordered, key=lambda e: e.coupon_id)
+    ]
 
 
 def _placeholders(n: int) -> str:
@@ -139,7 +141,9 @@ async def _issued_users(cur: aiomysql.Cursor, coupon_id: int, users: Sequence[in
     return {int(row[0]) for row in await cur.fetchall()}
 
 
-async def _dead_requests(cur: aiomysql.Cursor, coupon_id: int, request_ids: Sequence[str]) -> set[str]:
+async def _dead_requests(
+    cur: aiomysql.Cursor, coupon_id: int, request_ids: Sequence[str]
+) -> set[str]:
     await cur.execute(
         "SELECT request_id FROM coupon_issue_dead_letters"
         f" WHERE coupon_id = %s AND request_id IN ({_placeholders(len(request_ids))})",
@@ -235,7 +239,9 @@ async def dead_letter(pool: aiomysql.Pool, entries: Sequence[Entry], reason: str
                 for coupon_id, group in groups:
                     issued = set()
                     if coupon_id in known:
-                        issued = await _issued_users(cur, coupon_id, sorted({e.user_id for e in group}))
+                        issued = await _issued_users(
+                            cur, coupon_id, sorted({e.user_id for e in group})
+                        )
                     result.already_issued.extend(e for e in group if e.user_id in issued)
                     dead = [e for e in group if e.user_id not in issued]
                     if dead:
@@ -254,5 +260,5 @@ async def dead_letter(pool: aiomysql.Pool, entries: Sequence[Entry], reason: str
 async def _rollback_quietly(conn: aiomysql.Connection) -> None:
     try:
         await conn.rollback()
-    except Exception:  # noqa: BLE001, S110 - the connection is broken; the pool drops it
+    except Exception:  # noqa: S110 - the connection is broken; the pool drops it
         pass

@@ -3,12 +3,14 @@ pytest-redis and pytest-mysql (mirakuru underneath), and clean state for every t
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomysql
+import pymysql
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_mysql import factories as mysql_factories
@@ -51,8 +53,6 @@ MYSQL_USER, MYSQL_PASSWORD = "coupon", "coupon-test-password"
 def mysql_service_user(mysql_proc: Any) -> str:
     """A service account over TCP with rights on the test databases only, made as root through
     the unix socket (MariaDB's root authenticates by socket credentials)."""
-    import pymysql
-
     conn = pymysql.connect(unix_socket=mysql_proc.unixsocket, user="root")
     try:
         with conn.cursor() as cur:
@@ -87,8 +87,6 @@ def base_settings(redis_proc: Any, mysql_service_user: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def _migrated(base_settings: Settings) -> None:
-    import asyncio
-
     asyncio.run(db.migrate(base_settings.mysql))
 
 

@@ -23,17 +23,19 @@ async def drain(redis: Redis, pool: aiomysql.Pool, settings: Settings, **changes
 
 
 async def wait_for(
-    condition: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.02
+    condition: Callable[[], Awaitable[bool]], *, within: float = 10.0, interval: float = 0.02
 ) -> None:
     """Poll ``condition`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not await condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
 
 
-async def issue(client: TestClient[Any, Any], coupon_id: int, user_id: int) -> tuple[int, dict[str, Any]]:
+async def issue(
+    client: TestClient[Any, Any], coupon_id: int, user_id: int
+) -> tuple[int, dict[str, Any]]:
     response = await client.post(f"/v1/coupons/{coupon_id}/issues", json={"user_id": user_id})
     return response.status, await response.json(content_type=None)
 
