@@ -20,6 +20,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from shared import coupons, db, redis_client
+from shared import logging as shared_logging
 from shared.errors import AppError
 from shared.settings import ConfigError, Settings
 
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        # Logs go to stderr, so stdout carries only the result (--json output stays parseable).
+        shared_logging.configure("console", "warning")
         result: Any = asyncio.run(COMMANDS[(args.noun, args.verb)](settings, args))
     except (ConfigError, AppError, ValueError) as exc:
         print(f"couponctl: {exc}", file=sys.stderr)

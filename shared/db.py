@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import warnings
 from importlib import resources
 from typing import Any
 
 import aiomysql
+import pymysql
 import structlog
 
 from shared.settings import MySQLDsn
@@ -82,26 +84,29 @@ async def migrate(dsn: MySQLDsn) -> list[str]:
         autocommit=True,
     )
     applied: list[str] = []
-    try:
-        async with conn.cursor() as cur:
-            await cur.execute(
-                f"CREATE DATABASE IF NOT EXISTS `{dsn.database}` CHARACTER SET utf8mb4"
-            )
-            await conn.select_db(dsn.database)
-            await cur.execute(MIGRATIONS_TABLE)
-            await cur.execute("SELECT version FROM schema_migrations")
-            done = {int(row[0]) for row in await cur.fetchall()}
-            for version, name, sql in _migration_files():
-                if version in done:
-                    continue
-                for statement in _statements(sql):
-                    await cur.execute(statement)
+    # "IF NOT EXISTS" on an existing database or table is the normal case, not news.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pymysql.Warning)
+        try:
+            async with conn.cursor() as cur:
                 await cur.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
-                    (version, name),
+                    f"CREATE DATABASE IF NOT EXISTS `{dsn.database}` CHARACTER SET utf8mb4"
                 )
-                applied.append(name)
-                log.info("migration_applied", name=name)
-    finally:
-        conn.close()
+                await conn.select_db(dsn.database)
+                await cur.execute(MIGRATIONS_TABLE)
+                await cur.execute("SELECT version FROM schema_migrations")
+                done = {int(row[0]) for row in await cur.fetchall()}
+                for version, name, sql in _migration_files():
+                    if version in done:
+                        continue
+                    for statement in _statements(sql):
+                        await cur.execute(statement)
+                    await cur.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, name),
+                    )
+                    applied.append(name)
+                    log.info("migration_applied", name=name)
+        finally:
+            conn.close()
     return applied

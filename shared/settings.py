@@ -12,10 +12,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 from urllib.parse import unquote, urlsplit
-
-T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -142,40 +139,52 @@ class Settings:
         """Build settings from ``COUPON_*`` variables; unknown ones are ignored."""
         env = os.environ if env is None else env
         kwargs: dict[str, object] = {}
-
-        def take(name: str, field: str, convert: Callable[[str], T]) -> None:
+        for name, (field, convert) in ENVIRONMENT.items():
             raw = env.get(name)
             if raw is None or raw == "":
-                return
+                continue
             try:
                 kwargs[field] = convert(raw)
             except ValueError:
                 raise ConfigError(f"{name}={raw!r} is not a valid {convert.__name__}") from None
-
-        take("COUPON_REDIS_URL", "redis_url", str)
-        take("COUPON_MYSQL_URL", "mysql_url", str)
-        take("COUPON_HTTP_HOST", "http_host", str)
-        take("COUPON_HTTP_PORT", "http_port", int)
-        take("COUPON_ADMIN_TOKEN", "admin_token", str)
-        take("COUPON_GATEWAY_PROCESSES", "gateway_processes", int)
-        take("COUPON_WORKERS", "workers", int)
-        take("COUPON_LOG_FORMAT", "log_format", str)
-        take("COUPON_LOG_LEVEL", "log_level", str)
-        take("COUPON_REDIS_TIMEOUT_SECONDS", "redis_timeout_seconds", float)
-        take("COUPON_SNAPSHOT_TTL_SECONDS", "snapshot_ttl_seconds", float)
-        take("COUPON_COALESCE_MAX_BATCH", "coalesce_max_batch", int)
-        take("COUPON_MAX_BODY_BYTES", "max_body_bytes", int)
-        take("COUPON_WORKER_NAME", "worker_name", str)
-        take("COUPON_BATCH_SIZE", "batch_size", int)
-        take("COUPON_BLOCK_MS", "block_ms", int)
-        take("COUPON_RECLAIM_IDLE_MS", "reclaim_idle_ms", int)
-        take("COUPON_MAX_DELIVERIES", "max_deliveries", int)
-        take("COUPON_DISCOVERY_INTERVAL_SECONDS", "discovery_interval_seconds", float)
-        take("COUPON_MYSQL_RETRY_MAX_SECONDS", "mysql_retry_max_seconds", float)
-        take("COUPON_SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", float)
-        take("COUPON_WORKER_METRICS_PORT", "worker_metrics_port", int)
         return cls(**kwargs)  # type: ignore[arg-type]
+
+    def to_env(self) -> dict[str, str]:
+        """The ``COUPON_*`` variables that reproduce these settings in a child process."""
+        env = {}
+        for name, (field, _) in ENVIRONMENT.items():
+            value = getattr(self, field)
+            if value is not None:
+                env[name] = str(value)
+        return env
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (tests and the CLI use this)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# Every variable the processes read, with the field it sets and how it is parsed.
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
+    "COUPON_REDIS_URL": ("redis_url", str),
+    "COUPON_MYSQL_URL": ("mysql_url", str),
+    "COUPON_HTTP_HOST": ("http_host", str),
+    "COUPON_HTTP_PORT": ("http_port", int),
+    "COUPON_ADMIN_TOKEN": ("admin_token", str),
+    "COUPON_GATEWAY_PROCESSES": ("gateway_processes", int),
+    "COUPON_WORKERS": ("workers", int),
+    "COUPON_LOG_FORMAT": ("log_format", str),
+    "COUPON_LOG_LEVEL": ("log_level", str),
+    "COUPON_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", float),
+    "COUPON_SNAPSHOT_TTL_SECONDS": ("snapshot_ttl_seconds", float),
+    "COUPON_COALESCE_MAX_BATCH": ("coalesce_max_batch", int),
+    "COUPON_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "COUPON_WORKER_NAME": ("worker_name", str),
+    "COUPON_BATCH_SIZE": ("batch_size", int),
+    "COUPON_BLOCK_MS": ("block_ms", int),
+    "COUPON_RECLAIM_IDLE_MS": ("reclaim_idle_ms", int),
+    "COUPON_MAX_DELIVERIES": ("max_deliveries", int),
+    "COUPON_DISCOVERY_INTERVAL_SECONDS": ("discovery_interval_seconds", float),
+    "COUPON_MYSQL_RETRY_MAX_SECONDS": ("mysql_retry_max_seconds", float),
+    "COUPON_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float),
+    "COUPON_WORKER_METRICS_PORT": ("worker_metrics_port", int),
+}

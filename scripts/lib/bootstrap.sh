@@ -38,7 +38,7 @@ ensure_system_packages() {
     command -v apt-get >/dev/null || die "missing ${wanted[*]} and no apt-get to install them"
     say "installing ${wanted[*]} with apt-get"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    # policy-rc.d keeps the packages' own system services from starting: we run private ones.
+    # RUNLEVEL=1 keeps invoke-rc.d from starting the packages' own system services: we run private ones.
     as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
       apt-get install -y -qq --no-install-recommends "${wanted[@]}" >/dev/null
   fi
@@ -51,8 +51,9 @@ ensure_venv() {
   local stamp="$VENV/.installed" extras="${1:-test}"
   if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
     say "installing the package and its [$extras] extras into .venv"
-    "$PY" -m pip install -q --upgrade pip >/dev/null
-    "$PY" -m pip install -q -e "$ROOT[$extras]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
+    local log="$VENV/pip-install.log"
+    { "$PY" -m pip install -q --upgrade pip && "$PY" -m pip install -q -e "$ROOT[$extras]"; } >"$log" 2>&1 \
+      || { tail -20 "$log" >&2; die "pip install failed; see $log"; }
     "$PY" -c 'import gateway, stream_worker, shared' || die "package install failed"
     echo "$extras" >"$stamp"
   fi
