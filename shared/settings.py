@@ -8,6 +8,7 @@ first request.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -76,7 +77,7 @@ class Settings:
 
     # Gateway
     redis_timeout_seconds: float = 0.5
-    snapshot_ttl_seconds: float = 1.0
+    snapshot_ttl_seconds: float = 10.0
     coalesce_max_batch: int = 512
     max_body_bytes: int = 4096
 
@@ -118,12 +119,18 @@ class Settings:
             raise ConfigError(f"COUPON_WORKERS must be 0 or more, got {self.workers}")
         if self.http_port > 65535:
             raise ConfigError(f"COUPON_HTTP_PORT must be at most 65535, got {self.http_port}")
-        # The worker's blocking read must return well before redis-py's socket timeout fires,
-        # or an idle stream looks like a dead connection.
-        if self.block_ms / 1000 >= self.redis_socket_timeout_worker - 1:
-            raise ConfigError(
-                "COUPON_BLOCK_MS must be at least 1 s under the worker socket timeout"
-            )
+        durations = {
+            # name: (value, whether 0 is allowed)
+            "COUPON_REDIS_TIMEOUT_SECONDS": (self.redis_timeout_seconds, False),
+            "COUPON_SNAPSHOT_TTL_SECONDS": (self.snapshot_ttl_seconds, False),
+            "COUPON_DISCOVERY_INTERVAL_SECONDS": (self.discovery_interval_seconds, False),
+            "COUPON_MYSQL_RETRY_MAX_SECONDS": (self.mysql_retry_max_seconds, False),
+            "COUPON_SHUTDOWN_GRACE_SECONDS": (self.shutdown_grace_seconds, True),
+        }
+        for name, (seconds, zero_ok) in durations.items():
+            if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
+                bound = "0 or more" if zero_ok else "positive"
+                raise ConfigError(f"{name} must be a finite number of seconds, {bound}")
 
     @property
     def mysql(self) -> MySQLDsn:
@@ -131,7 +138,8 @@ class Settings:
 
     @property
     def redis_socket_timeout_worker(self) -> float:
-        """Worker socket timeout: the blocking read plus generous headroom."""
+        """Worker socket timeout: the blocking read plus generous headroom, so an idle stream's
+        BLOCK returns long before redis-py would take the quiet connection for a dead one."""
         return self.block_ms / 1000 + 5.0
 
     @classmethod

@@ -19,12 +19,11 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import keys, metrics
+from shared import issue_store, keys, metrics
 from shared.coupons import ensure_group
+from shared.issue_store import BatchResult, Entry, Malformed
 from shared.scripts import Scripts
 from shared.settings import Settings
-from stream_worker import writer
-from stream_worker.writer import BatchResult, Entry, Malformed
 
 log = structlog.get_logger(__name__)
 
@@ -212,9 +211,9 @@ class Worker:
         while True:
             started = time.perf_counter()
             try:
-                result = await writer.write_batch(self._pool, entries)
+                result = await issue_store.write_batch(self._pool, entries)
             except Exception as exc:
-                if not writer.is_transient(exc):
+                if not issue_store.is_transient(exc):
                     return await self._bisect(entries, exc)
                 metrics.WORKER_MYSQL_UP.set(0)
                 log.warning(
@@ -318,7 +317,7 @@ class Worker:
         if not entries:
             return
         try:
-            result = await writer.dead_letter(self._pool, entries, reason)
+            result = await issue_store.dead_letter(self._pool, entries, reason)
         except Exception as exc:
             log.warning("dead_letter_deferred", entries=len(entries), error=repr(exc))
             return

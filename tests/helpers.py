@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiomysql
@@ -15,6 +18,7 @@ from shared.settings import Settings
 from stream_worker.worker import Worker
 
 ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
+REPO = Path(__file__).resolve().parent.parent
 
 
 async def drain(redis: Redis, pool: aiomysql.Pool, settings: Settings, **changes: Any) -> None:
@@ -46,3 +50,20 @@ async def row_count(pool: aiomysql.Pool, coupon_id: int) -> int:
         (count,) = await cur.fetchone()
         await conn.rollback()
     return int(count)
+
+
+async def couponctl(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run ``couponctl`` in a child process configured only through the environment."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+    child_env.update(settings.to_env())
+    child_env.update(env or {})
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "shared.cli", *args,
+        cwd=REPO, env=child_env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()

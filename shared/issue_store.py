@@ -1,4 +1,7 @@
-"""The MySQL side of the worker: one transaction per batch, idempotent under redelivery.
+"""The MySQL side of issuing: one transaction per batch, idempotent under redelivery.
+
+The stream worker commits batches with it, and the synchronous ``/v1/issue`` route commits a
+batch of one, so both paths share one set of rules (the cap, the dedup, the dead letters).
 
 Every decision about a request is taken under the ``SELECT … FOR UPDATE`` lock of its coupon
 row, so a worker committing a batch and a worker dead-lettering the same request serialise:
