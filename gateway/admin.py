@@ -11,7 +11,8 @@ from gateway import appkeys
 from gateway.problems import json_response
 from gateway.validation import json_object, parse_id
 from shared import coupons
-from shared.errors import CouponNotFound, Unauthorized, Unavailable
+from shared.coupons import MAX_ID
+from shared.errors import CouponNotFound, InvalidRequest, Unauthorized, Unavailable
 
 routes = web.RouteTableDef()
 
@@ -37,6 +38,38 @@ async def create_coupon(request: web.Request) -> web.Response:
         request.app[appkeys.MYSQL], request.app[appkeys.REDIS], new
     )
     return json_response(coupon.public(), status=201)
+
+
+@routes.get("/admin/coupons")
+async def list_coupons(request: web.Request) -> web.Response:
+    """Coupons in id order, a page at a time: ``?after=<last id seen>&limit=1..1000``."""
+    require_admin(request)
+    after = _query_int(request, "after", default=0, low=0, high=MAX_ID)
+    limit = _query_int(request, "limit", default=100, low=1, high=1000)
+    page = await coupons.list_coupons(request.app[appkeys.MYSQL], after_id=after, limit=limit)
+    next_after = page[-1]["id"] if len(page) == limit else None
+    return json_response({"coupons": page, "next_after": next_after})
+
+
+@routes.patch("/admin/coupons/{coupon_id}")
+async def update_coupon(request: web.Request) -> web.Response:
+    """Move the window, top up (or lower) the stock, pause or resume; live for every gateway."""
+    require_admin(request)
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    change = coupons.CouponChange.from_json(await json_object(request))
+    coupon = await coupons.update_coupon(
+        request.app[appkeys.MYSQL], request.app[appkeys.REDIS], coupon_id, change
+    )
+    return json_response(coupon.public())
+
+
+def _query_int(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
+        raise InvalidRequest(f"{name} must be an integer between {low} and {high}")
+    return int(raw)
 
 
 @routes.get("/admin/coupons/{coupon_id}")

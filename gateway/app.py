@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from gateway import admin, appkeys, routes
+from gateway import admin, appkeys, compat, routes
 from gateway.coalescer import Coalescer
 from gateway.issuing import Issuer
 from gateway.problems import problem_middleware
@@ -49,7 +49,7 @@ async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[appkeys.SNAPSHOTS] = snapshots
     app[appkeys.COALESCER] = coalescer
-    app[routes.ISSUER] = Issuer(snapshots, coalescer)
+    app[appkeys.ISSUER] = Issuer(snapshots, coalescer)
     stop = asyncio.Event()
     listener = asyncio.create_task(snapshots.listen(stop), name="snapshot-listener")
     yield
@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.extend([_redis_ctx, _mysql_ctx, _issuing_ctx])
     app.add_routes(routes.routes)
+    app.add_routes(compat.routes)
     app.add_routes(admin.routes)
     app.router.add_get("/metrics", server_stats)
     return app

@@ -13,6 +13,7 @@ from shared.settings import Settings
 
 if TYPE_CHECKING:
     from gateway.coalescer import Coalescer
+    from gateway.issuing import Issuer
     from gateway.snapshots import SnapshotCache
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,3 +22,4 @@ MYSQL = web.AppKey("mysql", aiomysql.Pool)
 SCRIPTS = web.AppKey("scripts", Scripts)
 SNAPSHOTS: web.AppKey[SnapshotCache] = web.AppKey("snapshots")
 COALESCER: web.AppKey[Coalescer] = web.AppKey("coalescer")
+ISSUER: web.AppKey[Issuer] = web.AppKey("issuer")

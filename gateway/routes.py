@@ -1,4 +1,4 @@
-"""Public routes: issue, status, coupon snapshot, health."""
+"""Native public routes: issue, status, coupon snapshot, health."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import appkeys
-from gateway.issuing import Issuer
 from gateway.problems import json_response
 from gateway.validation import id_field, json_object, parse_id
 from shared import keys, metrics
 from shared.errors import CouponNotFound, InvalidRequest, IssueNotFound, Unavailable
 
 routes = web.RouteTableDef()
-ISSUER = web.AppKey("issuer", Issuer)
 
 
 @routes.post("/v1/coupons/{coupon_id}/issues")
@@ -27,7 +25,7 @@ async def issue(request: web.Request) -> web.Response:
     except InvalidRequest:
         metrics.ISSUE_REQUESTS.labels("invalid").inc()
         raise
-    reservation = await request.app[ISSUER].issue(coupon_id, user_id)
+    reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
     return json_response(
         {
             "coupon_id": coupon_id,
@@ -106,9 +104,3 @@ async def readyz(request: web.Request) -> web.Response:
         checks["mysql"] = type(exc).__name__
     ready = all(value == "ok" for value in checks.values())
     return json_response({"ready": ready, **checks}, status=200 if ready else 503)
-
-
-@routes.get("/hello")
-async def hello(request: web.Request) -> web.Response:
-    """The seed's baseline endpoint."""
-    return web.Response(text="hello!")

@@ -1,10 +1,11 @@
 """The in-process coupon snapshot cache, kept fresh by Redis pub/sub.
 
-A snapshot is the coupon's ``{coupon:ID}:meta`` hash. Entries live for a short TTL and are
-dropped at once when a ``coupons:changed`` message names their coupon (creation, change, a
-released slot). Unknown ids are cached too, so a flood of bad ids costs one Redis read per id
-per TTL. The sold-out flag lets the gateway answer without a Redis round trip; it is cleared by
-the same messages, and expires with the TTL in case a message was missed.
+A snapshot is the coupon's ``{coupon:ID}:meta`` hash. Entries are dropped at once when a
+``coupons:changed`` message names their coupon (creation, change, a released slot), and all of
+them whenever the subscription drops, so a change reaches every gateway within a round trip.
+The TTL is only a safety net. Unknown ids are cached too (negative caching), so a flood of bad
+ids costs one Redis read per id per TTL and never reaches MySQL. The sold-out flag lets the
+gateway answer without a Redis round trip; the same messages clear it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ class SnapshotCache:
         self._entries: dict[int, tuple[float, Coupon | None]] = {}
         self._sold_out: dict[int, float] = {}
         self._loading: dict[int, asyncio.Future[Coupon | None]] = {}
+        # Bumped by every invalidation: a load that started before one must not cache what it
+        # read, or a change published mid-load would be hidden for a whole TTL.
+        self._generation = 0
 
     async def get(self, coupon_id: int) -> Coupon | None:
         """The coupon, or None when Redis has no such coupon. One load per id at a time."""
@@ -45,6 +49,7 @@ class SnapshotCache:
             return await asyncio.shield(loading)
         future: asyncio.Future[Coupon | None] = asyncio.get_running_loop().create_future()
         self._loading[coupon_id] = future
+        generation = self._generation
         try:
             coupon = await load_snapshot(self._redis, coupon_id)
         except BaseException as exc:
@@ -53,12 +58,14 @@ class SnapshotCache:
             raise
         finally:
             del self._loading[coupon_id]
-        self._entries[coupon_id] = (now + self._ttl, coupon)
+        if generation == self._generation:
+            self._entries[coupon_id] = (now + self._ttl, coupon)
         future.set_result(coupon)
         return coupon
 
     def invalidate(self, coupon_id: int | None = None) -> None:
         """Forget one coupon (or all of them, when pub/sub messages may have been missed)."""
+        self._generation += 1
         if coupon_id is None:
             self._entries.clear()
             self._sold_out.clear()

@@ -17,7 +17,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from shared import keys
-from shared.errors import InvalidRequest, OutsideWindow, SoldOut, Unavailable
+from shared.errors import (
+    Conflict,
+    CouponNotFound,
+    InvalidRequest,
+    OutsideWindow,
+    SoldOut,
+    Unavailable,
+)
+from shared.scripts import Scripts, UpdateStatus
 
 log = structlog.get_logger(__name__)
 
@@ -163,6 +171,13 @@ def _datetime_field(body: dict[str, Any], name: str) -> datetime:
     return moment.astimezone(UTC)
 
 
+def _title(body: dict[str, Any]) -> str:
+    title = body.get("title")
+    if not isinstance(title, str) or not title.strip() or len(title) > 255:
+        raise InvalidRequest("title must be a non-empty string of at most 255 characters")
+    return title.strip()
+
+
 @dataclass(frozen=True, slots=True)
 class NewCoupon:
     """A validated request to create a coupon."""
@@ -179,9 +194,7 @@ class NewCoupon:
         """Validate an admin request body; raises :class:`InvalidRequest` with the reason."""
         if not isinstance(body, dict):
             raise InvalidRequest("the body must be a JSON object")
-        title = body.get("title")
-        if not isinstance(title, str) or not title.strip() or len(title) > 255:
-            raise InvalidRequest("title must be a non-empty string of at most 255 characters")
+        title = _title(body)
         total: int | None = None
         if body.get("total_quantity") is not None:
             total = _int_field(body, "total_quantity", low=0, high=MAX_INT32, default=None)
@@ -190,7 +203,7 @@ class NewCoupon:
         if start >= end:
             raise InvalidRequest("date_issue_start must be before date_issue_end")
         return cls(
-            title=title.strip(),
+            title=title,
             total_quantity=total,
             discount_amount=_int_field(body, "discount_amount", low=0, high=MAX_INT32, default=0),
             min_available_amount=_int_field(
@@ -199,6 +212,51 @@ class NewCoupon:
             date_issue_start=start,
             date_issue_end=end,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CouponChange:
+    """A validated ``PATCH``: only the fields present change. ``total_quantity`` may be null
+    (unlimited); ``paused`` pauses or resumes issuing."""
+
+    changes: dict[str, Any]
+
+    FIELDS = frozenset({"title", "total_quantity", "date_issue_start", "date_issue_end", "paused"})
+
+    @classmethod
+    def from_json(cls, body: Any) -> CouponChange:
+        if not isinstance(body, dict) or not body:
+            raise InvalidRequest(
+                f"the body must be a JSON object with some of {sorted(cls.FIELDS)}"
+            )
+        unknown = set(body) - cls.FIELDS
+        if unknown:
+            raise InvalidRequest(
+                f"cannot change {sorted(unknown)}; changeable: {sorted(cls.FIELDS)}"
+            )
+        changes: dict[str, Any] = {}
+        if "title" in body:
+            changes["title"] = _title(body)
+        if "total_quantity" in body:
+            changes["total_quantity"] = (
+                None
+                if body["total_quantity"] is None
+                else _int_field(body, "total_quantity", low=0, high=MAX_INT32, default=None)
+            )
+        for name in ("date_issue_start", "date_issue_end"):
+            if name in body:
+                changes[name] = _datetime_field(body, name)
+        if "paused" in body:
+            if not isinstance(body["paused"], bool):
+                raise InvalidRequest("paused must be true or false")
+            changes["paused"] = body["paused"]
+        return cls(changes)
+
+    def apply(self, coupon: Coupon) -> Coupon:
+        updated = dataclasses.replace(coupon, **self.changes)
+        if updated.date_issue_start >= updated.date_issue_end:
+            raise InvalidRequest("date_issue_start must be before date_issue_end")
+        return updated
 
 
 async def ensure_group(redis: Redis, coupon_id: int) -> None:
@@ -255,6 +313,81 @@ async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Co
         raise Unavailable("Redis is unreachable; the coupon was not created") from exc
     log.info("coupon_created", coupon_id=coupon_id, total_quantity=new.total_quantity)
     return coupon
+
+
+async def update_coupon(
+    pool: aiomysql.Pool, redis: Redis, coupon_id: int, change: CouponChange
+) -> Coupon:
+    """Apply an admin change to both stores; every gateway sees it within a pub/sub round trip.
+
+    The coupon row stays locked (``FOR UPDATE``) while Redis is rewritten, so changes apply one
+    at a time and workers wait for the outcome. The stock check runs inside Redis, atomically
+    with the reservations it guards: a total below the slots already promised is refused (409),
+    never applied. Redis changes first; should MySQL then fail, the caller gets a 503 and
+    repeating the same PATCH makes the two stores agree again.
+    """
+    async with pool.acquire() as conn:
+        try:
+            await conn.begin()
+            async with conn.cursor(aiomysql.DictCursor) as cur:
+                await cur.execute("SELECT * FROM coupons WHERE id = %s FOR UPDATE", (coupon_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    raise CouponNotFound(f"coupon {coupon_id} does not exist")
+                updated = change.apply(Coupon.from_row(row))
+                total = updated.total_quantity
+                if total is not None and total < row["issued_quantity"]:
+                    raise Conflict(
+                        f"total_quantity {total} is below the {row['issued_quantity']} issued"
+                    )
+                await cur.execute(
+                    "UPDATE coupons SET title = %s, total_quantity = %s, date_issue_start = %s,"
+                    " date_issue_end = %s, paused = %s WHERE id = %s",
+                    (
+                        updated.title,
+                        total,
+                        utc_naive(updated.date_issue_start),
+                        utc_naive(updated.date_issue_end),
+                        int(updated.paused),
+                        coupon_id,
+                    ),
+                )
+                try:
+                    status, reserved = await Scripts(redis).update(
+                        coupon_id, total, updated.to_meta()
+                    )
+                except RedisError as exc:
+                    raise Unavailable("Redis is unreachable; repeat the change") from exc
+                if status is UpdateStatus.STATE_MISSING:
+                    raise Unavailable(
+                        f"coupon {coupon_id} has no Redis state; rebuild it before changing it"
+                    )
+                if status is UpdateStatus.BELOW_RESERVED:
+                    raise Conflict(
+                        f"total_quantity {total} is below the {reserved} requests already accepted"
+                    )
+            await conn.commit()
+        except BaseException:
+            await conn.rollback()
+            raise
+    log.info("coupon_updated", coupon_id=coupon_id, changes=sorted(change.changes))
+    return updated
+
+
+async def list_coupons(
+    pool: aiomysql.Pool, *, after_id: int = 0, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Coupons by id, a page at a time, each with its MySQL ``issued_quantity``."""
+    async with pool.acquire() as conn, conn.cursor(aiomysql.DictCursor) as cur:
+        await cur.execute(
+            "SELECT * FROM coupons WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit)
+        )
+        rows = await cur.fetchall()
+        await conn.rollback()
+    return [
+        {**Coupon.from_row(row).public(), "issued_quantity": int(row["issued_quantity"])}
+        for row in rows
+    ]
 
 
 async def load_snapshot(redis: Redis, coupon_id: int) -> Coupon | None:

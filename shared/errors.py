@@ -34,7 +34,12 @@ class Unauthorized(AppError):
     title = "Missing or invalid credentials"
 
 
-class CouponNotFound(AppError):
+class Rejection(AppError):
+    """A definite business "no" for an issue request: nothing was reserved, and retrying the
+    same request will not change the answer until the coupon itself changes."""
+
+
+class CouponNotFound(Rejection):
     status = 404
     code = "COUPON_NOT_EXIST"
     title = "Coupon does not exist"
@@ -47,28 +52,28 @@ class IssueNotFound(AppError):
     title = "This user never requested this coupon"
 
 
-class DuplicatedIssue(AppError):
+class DuplicatedIssue(Rejection):
     status = 409
     code = "DUPLICATED_COUPON_ISSUE"
     title = "This user already holds this coupon"
     seed_message = "이미 발급된 쿠폰입니다."
 
 
-class SoldOut(AppError):
+class SoldOut(Rejection):
     status = 409
     code = "INVALID_COUPON_ISSUE_QUANTITY"
     title = "The coupon is sold out"
     seed_message = "쿠폰 발급 수량이 유효하지 않습니다."
 
 
-class OutsideWindow(AppError):
+class OutsideWindow(Rejection):
     status = 409
     code = "INVALID_COUPON_ISSUE_DATE"
     title = "The coupon cannot be issued at this time"
     seed_message = "쿠폰 발급 기간이 유효하지 않습니다."
 
 
-class CouponPaused(AppError):
+class CouponPaused(Rejection):
     status = 409
     code = "COUPON_PAUSED"
     title = "Issuing this coupon is paused"
@@ -82,3 +87,11 @@ class Unavailable(AppError):
     code = "FAIL_COUPON_ISSUE_REQUEST"
     title = "The service cannot accept requests right now"
     retry_after = 1
+
+
+class Conflict(AppError):
+    """An admin change that would break a promise already made (e.g. stock below the accepted)."""
+
+    status = 409
+    code = "CONFLICT"
+    title = "The change conflicts with the coupon's current state"

@@ -24,6 +24,14 @@ class IssueResult(enum.IntEnum):
     PAUSED = 5
 
 
+class UpdateStatus(enum.IntEnum):
+    """Result of ``update.lua``."""
+
+    STATE_MISSING = -1
+    BELOW_RESERVED = 0
+    APPLIED = 1
+
+
 def _source(name: str) -> str:
     return resources.files("shared.lua").joinpath(name).read_text(encoding="utf-8")
 
@@ -34,6 +42,8 @@ class Reservation:
 
     result: IssueResult
     request_id: str
+    accepted_ms: int
+    """Redis server time of the decision; the ``t`` field of the stream entry when accepted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +62,7 @@ class Scripts:
     def __init__(self, redis: Redis) -> None:
         self._issue: AsyncScript = redis.register_script(_source("issue.lua"))
         self._release: AsyncScript = redis.register_script(_source("release.lua"))
+        self._update: AsyncScript = redis.register_script(_source("update.lua"))
 
     async def reserve(self, coupon_id: int, user_ids: list[int]) -> BatchOutcome:
         """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
@@ -64,7 +75,7 @@ class Scripts:
             return BatchOutcome(True, now_ms, None, [])
         flat = raw[3:]
         reservations = [
-            Reservation(IssueResult(int(flat[i])), _text(flat[i + 1]))
+            Reservation(IssueResult(int(flat[i])), _text(flat[i + 1]), now_ms)
             for i in range(0, len(flat), 2)
         ]
         return BatchOutcome(False, now_ms, None if remaining < 0 else remaining, reservations)
@@ -92,6 +103,17 @@ class Scripts:
             ],
         )
         return bool(done)
+
+    async def update(
+        self, coupon_id: int, total: int | None, meta: dict[str, str | int]
+    ) -> tuple[UpdateStatus, int]:
+        """Rewrite the snapshot unless ``total`` is below the slots taken; (status, reserved)."""
+        k = keys.CouponKeys(coupon_id)
+        args: list[str | int] = [-1 if total is None else total, keys.CHANGES_CHANNEL, coupon_id]
+        for field, value in meta.items():
+            args += [field, value]
+        status, reserved = await self._update(keys=[k.meta, k.users], args=args)
+        return UpdateStatus(int(status)), int(reserved)
 
 
 def _text(value: Any) -> str:

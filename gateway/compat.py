@@ -1,0 +1,101 @@
+"""The seed's routes, so the original system's clients and locust files work unchanged.
+
+Body ``{"userId": <int>, "couponId": <int>}``; answer ``200 {"isSuccess": true}``, or
+``200 {"isSuccess": false, "comment": "<the seed's Korean message>"}`` for a business rejection,
+as the seed did. Malformed input is a 400 and an unavailable pipeline a 503, both problem+json
+(the seed answered 0-defaults and raw 500s there).
+
+``/v1/issue`` is the seed's synchronous path: it reserves in Redis exactly like the async routes
+(so mixing the paths on one coupon can never oversell or double-issue), then commits the row
+itself, in one MySQL transaction under ``SELECT … FOR UPDATE`` on the coupon row, before it
+answers. The stream entry stays the durable record: if that commit fails, the worker commits the
+same entry later, so a ``true`` is never a lie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import structlog
+from aiohttp import web
+
+from gateway import appkeys
+from gateway.validation import id_field, json_object
+from shared import issue_store, keys, metrics
+from shared.errors import CouponNotFound, InvalidRequest, Rejection, SoldOut
+from shared.issue_store import Entry
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+
+# How long /v1/issue waits for its own MySQL commit before leaving the entry to the workers.
+SYNC_COMMIT_TIMEOUT_SECONDS = 2.0
+
+_SUCCESS = orjson.dumps({"isSuccess": True})
+
+
+def _answer(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
+def _refused(rejection: Rejection | type[Rejection]) -> web.Response:
+    return _answer(orjson.dumps({"isSuccess": False, "comment": rejection.seed_message}))
+
+
+async def _seed_body(request: web.Request) -> tuple[int, int]:
+    """(coupon id, user id) from the seed's body; a missing or non-integer field is a 400."""
+    try:
+        body = await json_object(request)
+        return id_field(body, "couponId"), id_field(body, "userId")
+    except InvalidRequest:
+        metrics.ISSUE_REQUESTS.labels("invalid").inc()
+        raise
+
+
+@routes.post("/v1/issue-async")
+@routes.post("/v2/issue-async")
+async def issue_async(request: web.Request) -> web.Response:
+    """The native async path in the seed's shapes."""
+    coupon_id, user_id = await _seed_body(request)
+    try:
+        await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
+    except Rejection as rejection:
+        return _refused(rejection)
+    return _answer(_SUCCESS)
+
+
+@routes.post("/v1/issue")
+async def issue_sync(request: web.Request) -> web.Response:
+    """Reserve, then commit the row before answering (the seed's FOR UPDATE path)."""
+    coupon_id, user_id = await _seed_body(request)
+    try:
+        reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
+    except Rejection as rejection:
+        return _refused(rejection)
+    entry = Entry(coupon_id, reservation.request_id, user_id, reservation.accepted_ms)
+    try:
+        result = await asyncio.wait_for(
+            issue_store.write_batch(request.app[appkeys.MYSQL], [entry]),
+            SYNC_COMMIT_TIMEOUT_SECONDS,
+        )
+    except Exception as exc:
+        # Accepted and durably queued: the workers commit it. The answer stays true.
+        log.warning("sync_commit_deferred", coupon_id=coupon_id, error=repr(exc))
+        return _answer(_SUCCESS)
+    if result.to_dead_letter:
+        # MySQL's cap disagreed with Redis; the worker dead-letters the entry and frees the slot.
+        return _refused(SoldOut)
+    if result.unknown_coupon:
+        return _refused(CouponNotFound)
+    try:
+        await request.app[appkeys.REDIS].sadd(keys.CouponKeys(coupon_id).issued, user_id)
+    except Exception as exc:  # only the status view lags; the worker's ack sets it too
+        log.warning("sync_issued_mark_deferred", coupon_id=coupon_id, error=repr(exc))
+    return _answer(_SUCCESS)
+
+
+@routes.get("/hello")
+async def hello(request: web.Request) -> web.Response:
+    """The seed's baseline endpoint (its locust files measure the bare server with it)."""
+    return web.Response(text="hello!")
