@@ -10,7 +10,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from shared import logging as shared_logging
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError, Settings, redact_url
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
         "gateway_starting",
         host=settings.http_host,
         port=settings.http_port,
-        redis=settings.redis_url,
+        redis=redact_url(settings.redis_url),
         mysql=settings.mysql.redacted(),
     )
     try:

@@ -57,6 +57,16 @@ class MySQLDsn:
         return f"mysql://{self.user}:***@{self.host}:{self.port}/{self.database}"
 
 
+def redact_url(url: str) -> str:
+    """A URL with any password replaced by ``***``, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
