@@ -11,6 +11,7 @@ whichever comes second sees the first one's row. That makes a late (zombie) work
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,8 +44,13 @@ TRANSIENT_MYSQL_ERRORS = frozenset(
         2014,  # commands out of sync (a connection broken mid-query)
         1927,  # connection killed (MariaDB)
         1053,  # server shutdown in progress
+        4031,  # disconnected by the server for inactivity (MariaDB)
     }
 )
+
+
+# The latest acceptance time a valid entry can carry (9999-12-31, the end of DATETIME).
+MAX_ACCEPTED_MS = 253_402_300_799_999
 
 
 class Malformed(ValueError):
@@ -69,7 +75,11 @@ class Entry:
             field_coupon = int(fields["c"])
         except (KeyError, ValueError, TypeError):
             raise Malformed(f"entry {entry_id} lacks valid c/u/t fields") from None
-        if field_coupon != coupon_id or not 1 <= user_id <= MAX_ID or accepted_ms <= 0:
+        if (
+            field_coupon != coupon_id
+            or not 1 <= user_id <= MAX_ID
+            or not 0 < accepted_ms <= MAX_ACCEPTED_MS
+        ):
             raise Malformed(f"entry {entry_id} has out-of-range fields")
         return cls(coupon_id, entry_id, user_id, accepted_ms)
 
@@ -104,10 +114,14 @@ class BatchResult:
 
 
 def is_transient(exc: BaseException) -> bool:
+    """"Try the same batch again later" (the server or the network), as opposed to "this data
+    is bad", which must not be retried forever: it goes to the delivery limit instead."""
     if isinstance(exc, pymysql.err.OperationalError | pymysql.err.InterfaceError):
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
-        return code is None or code in TRANSIENT_MYSQL_ERRORS or code >= 2000
-    return isinstance(exc, ConnectionError | TimeoutError | OSError)
+        # 2000-2999 are the client library's connection errors; 4000+ are server errors
+        # (4025 is a failed CHECK constraint) and only the listed ones are transient.
+        return code is None or code in TRANSIENT_MYSQL_ERRORS or 2000 <= code < 3000
+    return isinstance(exc, ConnectionError | TimeoutError | socket.gaierror)
 
 
 def _by_coupon(entries: Iterable[Entry]) -> list[tuple[int, list[Entry]]]:

@@ -19,7 +19,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import issue_store, keys, metrics
+from shared import issue_store, keys, metrics, redis_client
 from shared.coupons import ensure_group
 from shared.issue_store import BatchResult, Entry, Malformed
 from shared.scripts import Scripts
@@ -29,6 +29,10 @@ log = structlog.get_logger(__name__)
 
 Delivered = tuple[int, str, dict[str, str]]
 """(coupon id, entry id, fields) as read from a stream."""
+
+
+# On a Redis Cluster reads cannot block across streams; an idle worker polls this often.
+CLUSTER_IDLE_POLL_SECONDS = 0.05
 
 
 def _coupon_of(stream: str) -> int:
@@ -49,6 +53,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._next_discovery = 0.0
         self._next_reclaim = 0.0
+        self._cluster = redis_client.is_cluster(redis)
+        self._rotation = 0
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from :meth:`run`."""
@@ -85,6 +91,9 @@ class Worker:
         try:
             ids = await self._redis.smembers(keys.ACTIVE_COUPONS)
             for raw in ids:
+                if not str(raw).isdigit():  # only an operator with Redis access can write junk
+                    log.warning("active_coupon_ignored", member=str(raw)[:64])
+                    continue
                 coupon_id = int(raw)
                 stream = keys.CouponKeys(coupon_id).requests
                 if stream not in self._streams:
@@ -100,6 +109,11 @@ class Worker:
                 await self._pause(self._settings.block_ms / 1000)
             return []
         try:
+            if self._cluster:
+                delivered = await self._read_each_stream()
+                if not delivered and block:
+                    await self._pause(CLUSTER_IDLE_POLL_SECONDS)
+                return delivered
             reply = await self._redis.xreadgroup(
                 keys.GROUP,
                 self.name,
@@ -112,6 +126,21 @@ class Worker:
             await self._pause(1.0)
             return []
         return _flatten(reply)
+
+    async def _read_each_stream(self) -> list[Delivered]:
+        """On a Redis Cluster each coupon's stream lives in its own hash slot and one
+        XREADGROUP may not span slots: read them one by one (without blocking), starting at a
+        different stream each time so none is starved, until a batch is full."""
+        streams = list(self._streams)
+        self._rotation = (self._rotation + 1) % len(streams)
+        delivered: list[Delivered] = []
+        for stream in streams[self._rotation :] + streams[: self._rotation]:
+            room = self._settings.batch_size - len(delivered)
+            if room <= 0:
+                break
+            reply = await self._redis.xreadgroup(keys.GROUP, self.name, {stream: ">"}, count=room)
+            delivered.extend(_flatten(reply))
+        return delivered
 
     async def _process_own_pending(self) -> None:
         """Re-read what this consumer name had in hand before a restart, and settle it."""
