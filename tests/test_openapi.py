@@ -1,0 +1,461 @@
+"""The OpenAPI document served at ``GET /openapi.json`` (gateway/openapi.py).
+
+Covers: the document is valid OpenAPI 3.1; it lists exactly the routes the app registers (no
+undocumented route, no stale operation); its version and problem codes come from the code; and
+real responses of every route (success and error cases, 503s while Redis is paused) match it:
+status documented, content type documented, required headers present, body valid against the
+documented schema (JSON Schema 2020-12, ``$ref``s resolved in the whole document).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiomysql
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from jsonschema import Draft202012Validator
+from openapi_spec_validator import validate
+from redis.asyncio import Redis
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from gateway import openapi, problems
+from gateway.app import create_app
+from shared import errors
+from shared.coupons import MAX_ID
+from shared.settings import Settings
+from tests.conftest import CouponFactory
+from tests.helpers import ADMIN, drain
+from tests.invariants import Checker
+
+Client = TestClient[Any, Any]
+
+DOC = openapi.DOCUMENT
+BASE = "urn:coupon-drop:openapi"
+REGISTRY: Registry[Any] = Registry().with_resource(
+    BASE, Resource.from_contents(DOC, default_specification=DRAFT202012)
+)
+METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+# Longer than the gateway's 0.5 s Redis timeout with room to spare on a loaded machine.
+REDIS_PAUSE_MS = 1500
+
+
+# --------------------------------------------------------------------------------------------
+# the checker
+
+
+def _escape(part: str) -> str:
+    return part.replace("~", "~0").replace("/", "~1")
+
+
+def _lookup(pointer: str) -> Any:
+    node: Any = DOC
+    for part in pointer.lstrip("/").split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def _deref(obj: dict[str, Any], pointer: str) -> tuple[dict[str, Any], str]:
+    """Follow a response/header ``$ref`` inside the document; return the object and its pointer."""
+    while "$ref" in obj:
+        pointer = obj["$ref"].removeprefix("#")
+        obj = _lookup(pointer)
+    return obj, pointer
+
+
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile("^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(path)) + "$")
+
+
+TEMPLATES = {path: _template(path) for path in DOC["paths"]}
+
+
+def documented_response(method: str, path: str, status: int) -> tuple[dict[str, Any], str]:
+    """The response object the document promises for this exchange, and its pointer."""
+    path = path.partition("?")[0]
+    matches = [template for template, regex in TEMPLATES.items() if regex.match(path)]
+    assert len(matches) <= 1, f"{path} matches several documented paths: {matches}"
+    if not matches:
+        assert status == 404, f"{path} is not documented but answered {status}"
+        return _deref(openapi.ref("responses", "NotFound"), "")
+    item = DOC["paths"][matches[0]]
+    if method.lower() not in item:
+        assert status == 405, f"{method} {matches[0]} is not documented but answered {status}"
+        return _deref(openapi.ref("responses", "MethodNotAllowed"), "")
+    responses = item[method.lower()]["responses"]
+    base = f"/paths/{_escape(matches[0])}/{method.lower()}/responses"
+    for key in (str(status), f"{status // 100}XX", "default"):
+        if key in responses:
+            return _deref(responses[key], f"{base}/{key}")
+    raise AssertionError(f"{method} {matches[0]}: status {status} is not documented")
+
+
+def check_against_document(
+    method: str, path: str, status: int, content_type: str, headers: Any, body: bytes
+) -> Any:
+    """Assert that a real response is one the document describes; return the parsed body."""
+    described, pointer = documented_response(method, path, status)
+    for name, header_ref in described.get("headers", {}).items():
+        header, _ = _deref(header_ref, "")
+        value = headers.get(name)
+        if header.get("required"):
+            assert value is not None, f"{method} {path} {status}: header {name} is missing"
+        if value is not None:
+            instance = int(value) if header["schema"].get("type") == "integer" else value
+            _validate(instance, header["schema"], f"header {name}")
+    content = described.get("content")
+    if content is None:
+        assert not body, f"{method} {path} {status}: a body where none is documented"
+        return None
+    assert content_type in content, (
+        f"{method} {path} {status}: {content_type} is not one of {sorted(content)}"
+    )
+    is_json = content_type == "application/json" or content_type.endswith("+json")
+    instance = orjson.loads(body) if is_json else body.decode()
+    schema_pointer = f"{pointer}/content/{_escape(content_type)}/schema"
+    _validate(instance, {"$ref": f"{BASE}#{schema_pointer}"}, f"{method} {path} {status}")
+    return instance
+
+
+def _validate(instance: Any, schema: dict[str, Any], what: str) -> None:
+    validator = Draft202012Validator(
+        schema, registry=REGISTRY, format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+    problems_found = [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(instance)
+    ]
+    assert not problems_found, f"{what} does not match the document: {problems_found}\n{instance}"
+
+
+# --------------------------------------------------------------------------------------------
+# the document itself
+
+
+def test_document_is_valid_openapi_3_1() -> None:
+    assert DOC["openapi"] == "3.1.0"
+    validate(DOC)
+
+
+def _app_operations() -> set[tuple[str, str]]:
+    # Building the app opens nothing (resources open on start-up), so no servers are needed.
+    app = create_app(Settings())
+    return {
+        (route.resource.canonical, route.method.lower())
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    }
+
+
+def _documented_operations() -> set[tuple[str, str]]:
+    return {
+        (path, method)
+        for path, item in DOC["paths"].items()
+        for method in item
+        if method in METHODS
+    }
+
+
+def test_every_route_is_documented_and_every_operation_is_routed() -> None:
+    routed, documented = _app_operations(), _documented_operations()
+    assert routed - documented == set(), "routes missing from the document"
+    assert documented - routed == set(), "documented operations the app does not serve"
+
+
+def test_documented_path_parameters_are_the_template_names() -> None:
+    for path, item in DOC["paths"].items():
+        names = set(re.findall(r"\{([^}]+)\}", path))
+        for method in (m for m in item if m in METHODS):
+            params = [_deref(p, "")[0] for p in item[method].get("parameters", [])]
+            declared = {p["name"] for p in params if p["in"] == "path"}
+            assert declared == names, f"{method} {path}: path parameters {declared} != {names}"
+
+
+def test_info_version_is_the_package_version() -> None:
+    assert DOC["info"]["version"] == importlib.metadata.version("coupon-drop")
+
+
+def test_problem_codes_are_the_error_codes_and_the_router_codes() -> None:
+    app_errors = [
+        value
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, errors.AppError)
+    ]
+    router_codes = {problems._http_code(status) for status in (400, 404, 405, 413, 500, 503)}
+    expected = {cls.code for cls in app_errors} | router_codes
+    assert set(DOC["components"]["schemas"]["Problem"]["properties"]["code"]["enum"]) == expected
+
+
+def test_admin_operations_and_only_they_need_the_bearer_token() -> None:
+    assert DOC["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+    for path, method in _documented_operations():
+        operation = DOC["paths"][path][method]
+        needs_token = operation.get("security") == [{"adminToken": []}]
+        assert needs_token == path.startswith("/admin/"), f"{method} {path}"
+        # Routes acting for a user take the user's token (required when COUPON_AUTH=jwt).
+        user_token = operation.get("security") == [{}, {"userToken": []}]
+        has_401 = "401" in operation["responses"]
+        assert has_401 == (needs_token or user_token), f"{method} {path}"
+
+
+async def test_served_document_is_the_module_document(client: Client) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    assert orjson.loads(await response.read()) == DOC
+
+
+# --------------------------------------------------------------------------------------------
+# real exchanges against the document
+
+
+@dataclass(frozen=True)
+class C:
+    """A coupon of the test world, by role: open, sold, future or missing."""
+
+    role: str
+
+
+@dataclass(frozen=True)
+class Exchange:
+    method: str
+    # Placeholders {open}, {sold}, {future}, {missing} are the world's coupon ids.
+    path: str
+    status: int
+    json: Any = None
+    data: bytes | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    # Members the JSON answer must have, so each case proves it hit the intended branch.
+    expect: dict[str, Any] = field(default_factory=dict)
+    # (role, user) this exchange accepts or definitely rejects, for the invariants.
+    accepts: tuple[str, int] | None = None
+    rejects: tuple[str, int] | None = None
+    redis_paused: bool = False
+
+
+def case(method: str, path: str, status: int, case_id: str, **kw: Any) -> Any:
+    """One row of the exchange table, shown by pytest under ``case_id``."""
+    return pytest.param(Exchange(method, path, status, **kw), id=case_id)
+
+
+OPEN_START, OPEN_END = "2030-01-01T00:00:00+09:00", "2030-01-02T00:00:00+09:00"
+NEW_COUPON = {
+    "title": "openapi drop",
+    "total_quantity": 5,
+    "discount_amount": 100,
+    "min_available_amount": 1000,
+    "date_issue_start": OPEN_START,
+    "date_issue_end": OPEN_END,
+}
+TOO_LARGE = b'{"user_id": 2, "pad": "' + b"x" * 5000 + b'"}'
+WRONG_TOKEN = {"Authorization": "Bearer not-the-admin-token-at-all"}
+SEED_DATE = errors.OutsideWindow.seed_message
+
+# fmt: off
+EXCHANGES = [
+    # native issue
+    case("POST", "/v1/coupons/{open}/issues", 202, "issue-202", json={"user_id": 2},
+      expect={"status": "accepted", "user_id": 2}, accepts=("open", 2)),
+    case("POST", "/v1/coupons/{open}/issues", 400, "issue-400-zero-user", json={"user_id": 0},
+      expect={"code": "INVALID_REQUEST"}),
+    case("POST", "/v1/coupons/{open}/issues", 400, "issue-400-not-json", data=b"{",
+      expect={"code": "INVALID_REQUEST"}),
+    case("POST", "/v1/coupons/abc/issues", 400, "issue-400-bad-path-id", json={"user_id": 2},
+      expect={"code": "INVALID_REQUEST"}),
+    case("POST", "/v1/coupons/{missing}/issues", 404, "issue-404", json={"user_id": 2},
+      expect={"code": "COUPON_NOT_EXIST"}),
+    case("POST", "/v1/coupons/{open}/issues", 409, "issue-409-duplicate", json={"user_id": 1},
+      expect={"code": "DUPLICATED_COUPON_ISSUE"}),
+    case("POST", "/v1/coupons/{sold}/issues", 409, "issue-409-sold-out", json={"user_id": 2},
+      expect={"code": "INVALID_COUPON_ISSUE_QUANTITY"}, rejects=("sold", 2)),
+    case("POST", "/v1/coupons/{future}/issues", 409, "issue-409-window", json={"user_id": 2},
+      expect={"code": "INVALID_COUPON_ISSUE_DATE"}, rejects=("future", 2)),
+    case("POST", "/v1/coupons/{open}/issues", 413, "issue-413", data=TOO_LARGE,
+      headers={"Content-Type": "application/json"}),
+    case("POST", "/v1/coupons/{missing}/issues", 503, "issue-503-redis-paused",
+      json={"user_id": 2}, redis_paused=True),
+    # status and snapshot
+    case("GET", "/v1/coupons/{open}/issues/1", 200, "status-200", expect={"status": "pending"}),
+    case("GET", "/v1/coupons/{open}/issues/2", 404, "status-404-never-requested",
+      expect={"code": "ISSUE_NOT_FOUND"}),
+    case("GET", "/v1/coupons/{missing}/issues/1", 404, "status-404-no-coupon",
+      expect={"code": "COUPON_NOT_EXIST"}),
+    case("GET", "/v1/coupons/{open}/issues/0", 400, "status-400"),
+    case("GET", "/v1/coupons/{open}/issues/1", 503, "status-503-redis-paused", redis_paused=True),
+    case("GET", "/v1/coupons/{open}", 200, "snapshot-200", expect={"remaining": 2}),
+    case("GET", "/v1/coupons/{sold}", 200, "snapshot-200-sold-out", expect={"sold_out": True}),
+    case("GET", "/v1/coupons/{missing}", 404, "snapshot-404"),
+    case("GET", f"/v1/coupons/{MAX_ID + 1}", 400, "snapshot-400-id-too-big"),
+    case("GET", "/v1/coupons/{missing}", 503, "snapshot-503-redis-paused", redis_paused=True),
+    # seed routes
+    case("POST", "/v1/issue", 200, "seed-sync-true", json={"userId": 2, "couponId": C("open")},
+      expect={"isSuccess": True}, accepts=("open", 2)),
+    case("POST", "/v1/issue", 200, "seed-sync-false-duplicate",
+      json={"userId": 1, "couponId": C("open")}, expect={"isSuccess": False}),
+    case("POST", "/v1/issue", 400, "seed-sync-400-no-coupon-id", json={"userId": 2}),
+    case("POST", "/v1/issue-async", 200, "seed-async-true",
+      json={"userId": 3, "couponId": C("open")}, expect={"isSuccess": True}, accepts=("open", 3)),
+    case("POST", "/v1/issue-async", 200, "seed-async-false-sold-out",
+      json={"userId": 3, "couponId": C("sold")}, expect={"isSuccess": False},
+      rejects=("sold", 3)),
+    case("POST", "/v1/issue-async", 400, "seed-async-400-string-id",
+      json={"userId": "3", "couponId": C("open")}),
+    case("POST", "/v1/issue-async", 503, "seed-async-503-redis-paused",
+      json={"userId": 3, "couponId": C("missing")}, redis_paused=True),
+    case("POST", "/v2/issue-async", 200, "seed-v2-true", json={"userId": 4, "couponId": C("open")},
+      expect={"isSuccess": True}, accepts=("open", 4)),
+    case("POST", "/v2/issue-async", 200, "seed-v2-false-window",
+      json={"userId": 4, "couponId": C("future")},
+      expect={"isSuccess": False, "comment": SEED_DATE}, rejects=("future", 4)),
+    case("POST", "/v2/issue-async", 413, "seed-v2-413", data=TOO_LARGE,
+      headers={"Content-Type": "application/json"}),
+    case("GET", "/hello", 200, "hello-200"),
+    # admin
+    case("POST", "/admin/coupons", 201, "admin-create-201", json=NEW_COUPON, headers=ADMIN,
+      expect={"title": "openapi drop", "total_quantity": 5, "paused": False}),
+    case("POST", "/admin/coupons", 400, "admin-create-400-window-reversed", headers=ADMIN,
+      json={**NEW_COUPON, "date_issue_start": OPEN_END, "date_issue_end": OPEN_START}),
+    case("POST", "/admin/coupons", 401, "admin-create-401-no-token", json=NEW_COUPON,
+      expect={"code": "UNAUTHORIZED"}),
+    case("POST", "/admin/coupons", 401, "admin-create-401-wrong-token", json=NEW_COUPON,
+      headers=WRONG_TOKEN),
+    case("POST", "/admin/coupons", 413, "admin-create-413", data=TOO_LARGE,
+      headers={**ADMIN, "Content-Type": "application/json"}),
+    case("GET", "/admin/coupons", 200, "admin-list-200", headers=ADMIN,
+      expect={"next_after": None}),
+    case("GET", "/admin/coupons?limit=2", 200, "admin-list-200-next-page", headers=ADMIN),
+    case("GET", "/admin/coupons?limit=0", 400, "admin-list-400-limit", headers=ADMIN),
+    case("GET", "/admin/coupons", 401, "admin-list-401"),
+    case("GET", "/admin/coupons/{open}", 200, "admin-show-200", headers=ADMIN,
+      expect={"requested": 1, "reserved": 1}),
+    case("GET", "/admin/coupons/{missing}", 404, "admin-show-404", headers=ADMIN),
+    case("GET", "/admin/coupons/0", 400, "admin-show-400", headers=ADMIN),
+    case("GET", "/admin/coupons/{open}", 401, "admin-show-401", headers=WRONG_TOKEN),
+    case("GET", "/admin/coupons/{open}", 503, "admin-show-503-redis-paused", headers=ADMIN,
+      redis_paused=True),
+    case("PATCH", "/admin/coupons/{open}", 200, "admin-patch-200", headers=ADMIN,
+      json={"total_quantity": 10, "paused": True}, expect={"total_quantity": 10, "paused": True}),
+    case("PATCH", "/admin/coupons/{open}", 400, "admin-patch-400-unknown-field", headers=ADMIN,
+      json={"discount_amount": 5}),
+    case("PATCH", "/admin/coupons/{open}", 400, "admin-patch-400-empty", headers=ADMIN, json={}),
+    case("PATCH", "/admin/coupons/{missing}", 404, "admin-patch-404", headers=ADMIN,
+      json={"title": "renamed"}),
+    case("PATCH", "/admin/coupons/{open}", 409, "admin-patch-409-below-reserved", headers=ADMIN,
+      json={"total_quantity": 0}, expect={"code": "CONFLICT"}),
+    case("PATCH", "/admin/coupons/{open}", 401, "admin-patch-401", json={"title": "renamed"}),
+    # operations
+    case("GET", "/healthz", 200, "healthz-200"),
+    case("GET", "/readyz", 200, "readyz-200"),
+    case("GET", "/readyz", 503, "readyz-503-redis-paused", redis_paused=True,
+      expect={"ready": False, "redis": "TimeoutError"}),
+    case("GET", "/metrics", 200, "metrics-200-prometheus"),
+    case("GET", "/metrics", 200, "metrics-200-openmetrics",
+      headers={"Accept": "application/openmetrics-text"}),
+    case("GET", "/openapi.json", 200, "openapi-200"),
+    # outside the document
+    case("GET", "/v1/coupons/{open}/issues", 405, "wrong-method-405-get-issues",
+      expect={"code": "METHOD_NOT_ALLOWED"}),
+    case("DELETE", "/admin/coupons/{open}", 405, "wrong-method-405-delete-coupon", headers=ADMIN),
+    case("PUT", "/hello", 405, "wrong-method-405-put-hello"),
+    case("GET", "/v1/nothing/here", 404, "unknown-path-404", expect={"code": "NOT_FOUND"}),
+]
+# fmt: on
+
+
+@dataclass
+class World:
+    """Three coupons with user 1 already accepted on ``open`` (total 3) and ``sold`` (total 1),
+    ``future`` (window not started), and an id no coupon has."""
+
+    ids: dict[str, int]
+    coupons: dict[str, Any]
+    accepted: dict[str, set[int]]
+    rejected: dict[str, set[int]]
+
+    def fill(self, value: Any) -> Any:
+        if isinstance(value, C):
+            return self.ids[value.role]
+        if isinstance(value, dict):
+            return {key: self.fill(item) for key, item in value.items()}
+        return value
+
+
+@pytest.fixture
+async def world(client: Client, make_coupon: CouponFactory) -> World:
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    made = {
+        "open": await make_coupon(3),
+        "sold": await make_coupon(1),
+        "future": await make_coupon(3, start=soon, end=soon + timedelta(hours=1)),
+    }
+    for role in ("open", "sold"):
+        response = await client.post(f"/v1/coupons/{made[role].id}/issues", json={"user_id": 1})
+        assert response.status == 202, await response.text()
+    return World(
+        ids={**{role: c.id for role, c in made.items()}, "missing": MAX_ID},
+        coupons=made,
+        accepted={"open": {1}, "sold": {1}, "future": set()},
+        rejected={"open": set(), "sold": set(), "future": set()},
+    )
+
+
+@pytest.mark.parametrize("exchange", EXCHANGES)
+async def test_real_response_matches_the_document(
+    exchange: Exchange,
+    client: Client,
+    world: World,
+    redis: Redis,
+    pool: aiomysql.Pool,
+    settings: Settings,
+    check_invariants: Checker,
+) -> None:
+    path = exchange.path.format(**world.ids)
+    kwargs: dict[str, Any] = {"headers": exchange.headers}
+    if exchange.json is not None:
+        kwargs["json"] = world.fill(exchange.json)
+    if exchange.data is not None:
+        kwargs["data"] = exchange.data
+    if exchange.redis_paused:
+        # A real stall: Redis answers nobody until the pause ends.
+        await redis.execute_command("CLIENT", "PAUSE", REDIS_PAUSE_MS, "ALL")
+    try:
+        response = await client.request(exchange.method, path, **kwargs)
+        body = await response.read()
+    finally:
+        if exchange.redis_paused:
+            await redis.ping()  # returns once the pause is over
+    assert response.status == exchange.status, body.decode(errors="replace")
+    parsed = check_against_document(
+        exchange.method, path, response.status, response.content_type, response.headers, body
+    )
+    if exchange.expect:
+        assert isinstance(parsed, dict)
+        assert {key: parsed.get(key) for key in exchange.expect} == exchange.expect, parsed
+
+    if exchange.accepts:
+        world.accepted[exchange.accepts[0]].add(exchange.accepts[1])
+    if exchange.rejects:
+        world.rejected[exchange.rejects[0]].add(exchange.rejects[1])
+    await drain(redis, pool, settings)
+    for role, coupon in world.coupons.items():
+        await check_invariants(coupon, accepted=world.accepted[role], rejected=world.rejected[role])
+
+
+def _exchanged_operations() -> Iterator[tuple[str, str]]:
+    for param in EXCHANGES:
+        exchange: Exchange = param.values[0]
+        path = exchange.path.format(open=1, sold=2, future=3, missing=4).partition("?")[0]
+        for template, regex in TEMPLATES.items():
+            if regex.match(path) and exchange.method.lower() in DOC["paths"][template]:
+                yield template, exchange.method.lower()
+
+
+def test_every_documented_operation_is_exercised_by_the_exchanges() -> None:
+    assert set(_exchanged_operations()) == _documented_operations()
