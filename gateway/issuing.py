@@ -6,6 +6,7 @@ import time
 
 from redis.exceptions import RedisError
 
+from gateway.backpressure import InFlightLimit, PipelineHealth
 from gateway.coalescer import Coalescer, StateMissing
 from gateway.snapshots import SnapshotCache
 from shared import metrics
@@ -36,24 +37,46 @@ _REJECTIONS: dict[IssueResult, tuple[str, type[AppError]]] = {
 
 
 class Issuer:
-    """Validates against the cached snapshot, then reserves through the coalescer."""
+    """Validates against the cached snapshot, sheds load, then reserves through the coalescer.
 
-    def __init__(self, snapshots: SnapshotCache, coalescer: Coalescer) -> None:
+    Every refusal (rejection or shedding) happens before the reservation: a 503 from here
+    never leaves a slot taken or a request queued.
+    """
+
+    def __init__(
+        self,
+        snapshots: SnapshotCache,
+        coalescer: Coalescer,
+        *,
+        health: PipelineHealth | None = None,
+        in_flight: InFlightLimit | None = None,
+    ) -> None:
         self._snapshots = snapshots
         self._coalescer = coalescer
+        self._health = health
+        self._in_flight = in_flight or InFlightLimit(0)
         coalescer.on_outcome.append(self._note_outcome)
 
     async def issue(self, coupon_id: int, user_id: int) -> Reservation:
         """Reserve a coupon for a user, or raise the :class:`AppError` that says why not."""
+        with self._in_flight:
+            return await self._issue(coupon_id, user_id)
+
+    async def _issue(self, coupon_id: int, user_id: int) -> Reservation:
         try:
             coupon = await self._snapshots.get(coupon_id)
         except (RedisError, OSError, TimeoutError):
             metrics.ISSUE_REQUESTS.labels("unavailable").inc()
             raise Unavailable("Redis is unreachable") from None
+        except Unavailable:
+            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
+            raise
         if coupon is None:
             metrics.ISSUE_REQUESTS.labels("not_found").inc()
             raise CouponNotFound(f"coupon {coupon_id} does not exist")
         self._precheck(coupon)
+        if self._health is not None:
+            self._health.check(coupon_id)
         try:
             reservation = await self._coalescer.reserve(coupon_id, user_id)
         except StateMissing:

@@ -7,6 +7,9 @@
     couponctl coupon update ID [--title T] [--total N | --unlimited] [--start ISO] [--end ISO]
     couponctl coupon pause ID | resume ID
     couponctl status ID [--interval S] [--count N]
+    couponctl rebuild ID | --all
+    couponctl reconcile [ID] [--repair] [--metrics-file PATH]
+    couponctl dead list ID | replay ID [ENTRY...] | release ID ENTRY
 
 Human output by default, ``--json`` for scripts. Errors print one line and exit non-zero.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -25,10 +29,12 @@ from typing import Any
 
 import aiomysql
 import orjson
+from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from tqdm import tqdm
 
-from shared import coupons, db, redis_client
+from shared import coupons, db, dead_letters, keys, rebuild, reconcile, redis_client
 from shared import logging as shared_logging
 from shared.errors import AppError, CouponNotFound
 from shared.settings import ConfigError, Settings
@@ -36,6 +42,13 @@ from shared.settings import ConfigError, Settings
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, Any]]
 
 LIST_COLUMNS = ("id", "title", "total_quantity", "issued_quantity", "paused")
+RECONCILE_COLUMNS = ("coupon_id", *reconcile.CLASSES, "repaired")
+DEAD_COLUMNS = ("entry_id", "source_id", "user_id", "reason", "deliveries", "user_status")
+COLUMNS: dict[tuple[str, str | None], tuple[str, ...]] = {
+    ("coupon", "list"): LIST_COLUMNS,
+    ("reconcile", None): RECONCILE_COLUMNS,
+    ("dead", "list"): DEAD_COLUMNS,
+}
 STATUS_COLUMNS = ("requested", "issued", "pending", "dead_lettered", "remaining", "rate_per_s")
 
 
@@ -78,6 +91,26 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("coupon_id", type=int)
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     status.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
+    rebuild = sub.add_parser("rebuild", help="restore Redis state from MySQL after a data loss")
+    which = rebuild.add_mutually_exclusive_group(required=True)
+    which.add_argument("coupon_id", type=int, nargs="?", help="one coupon (reopens it at once)")
+    which.add_argument("--all", action="store_true", help="every coupon, then mark Redis whole")
+
+    reconcile = sub.add_parser("reconcile", help="compare Redis with MySQL, report drift")
+    reconcile.add_argument("coupon_id", type=int, nargs="?", help="one coupon (default: all)")
+    reconcile.add_argument("--repair", action="store_true", help="fix the drift found")
+    reconcile.add_argument(
+        "--metrics-file", help="write the drift as Prometheus text (node_exporter textfile)"
+    )
+
+    dead = sub.add_parser("dead", help="dead letters").add_subparsers(dest="verb", required=True)
+    dead.add_parser("list", help="dead letters of a coupon").add_argument("coupon_id", type=int)
+    replay = dead.add_parser("replay", help="queue dead letters again (all, or those named)")
+    replay.add_argument("coupon_id", type=int)
+    replay.add_argument("entry_ids", nargs="*", metavar="ENTRY")
+    release = dead.add_parser("release", help="dead-letter a stuck pending request now")
+    release.add_argument("coupon_id", type=int)
+    release.add_argument("entry_id", metavar="ENTRY")
     return parser
 
 
@@ -90,7 +123,9 @@ class Stores:
 @contextlib.asynccontextmanager
 async def _stores(settings: Settings) -> AsyncIterator[Stores]:
     pool = await db.create_pool(settings.mysql, maxsize=1)
-    redis = redis_client.connect(settings.redis_url, socket_timeout=5.0)
+    redis = redis_client.connect(
+        settings.redis_url, socket_timeout=5.0, cluster=settings.redis_cluster
+    )
     try:
         yield Stores(pool, redis)
     finally:
@@ -209,6 +244,86 @@ def _show_status(row: dict[str, Any], *, json_lines: bool, first: bool) -> None:
     sys.stdout.flush()
 
 
+async def _rebuild(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        if args.all:
+            reports = await rebuild.rebuild_all(stores.pool, stores.redis)
+        else:
+            reports = [await rebuild.rebuild_coupon(stores.pool, stores.redis, args.coupon_id)]
+    return [dataclasses.asdict(report) for report in reports]
+
+
+async def _reconcile(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        if args.coupon_id is not None:
+            ids = [args.coupon_id]
+        else:
+            ids = [c["id"] for c in await coupons.list_coupons(stores.pool, limit=1_000_000)]
+        drifts = []
+        for coupon_id in ids:
+            length = int(await stores.redis.xlen(keys.CouponKeys(coupon_id).requests))
+            # The bar goes to stderr and only on a terminal, so --json output stays clean.
+            with tqdm(
+                total=length, desc=f"coupon {coupon_id}", unit="entry", disable=None, leave=False
+            ) as bar:
+                drifts.append(
+                    await reconcile.reconcile(
+                        stores.pool,
+                        stores.redis,
+                        coupon_id,
+                        repair=args.repair,
+                        progress=bar.update,
+                    )
+                )
+    if args.metrics_file:
+        _write_drift_metrics(args.metrics_file, drifts)
+    rows = [
+        {"coupon_id": d.coupon_id, **d.counts(), "repaired": d.repaired, "details": d.found}
+        for d in drifts
+    ]
+    if any(d.total and not d.repaired for d in drifts):
+        # Drift is a finding, not a crash: the report is printed and the exit code says so.
+        _print_result(rows, as_json=args.json, columns=RECONCILE_COLUMNS)
+        raise DriftFound(f"drift found in {sum(1 for d in drifts if d.total)} coupon(s)")
+    return rows
+
+
+def _write_drift_metrics(path: str, drifts: list[reconcile.Drift]) -> None:
+    registry = CollectorRegistry()
+    gauge = Gauge(
+        "coupon_reconcile_drift",
+        "Drift between Redis and MySQL found by the last reconcile run, by class.",
+        ["drift_class"],
+        registry=registry,
+    )
+    for name in reconcile.CLASSES:
+        gauge.labels(name).set(sum(d.counts()[name] for d in drifts))
+    Gauge(
+        "coupon_reconcile_last_run_timestamp_seconds",
+        "When the last reconcile run finished.",
+        registry=registry,
+    ).set_to_current_time()
+    write_to_textfile(path, registry)
+
+
+async def _dead_list(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        return await dead_letters.list_dead(stores.redis, args.coupon_id)
+
+
+async def _dead_replay(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        return await dead_letters.replay(stores.redis, args.coupon_id, args.entry_ids or None)
+
+
+async def _dead_release(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        outcome = await dead_letters.release_pending(
+            stores.pool, stores.redis, args.coupon_id, args.entry_id
+        )
+    return {"coupon_id": args.coupon_id, "entry_id": args.entry_id, "result": outcome}
+
+
 COMMANDS: dict[tuple[str, str | None], Command] = {
     ("db", "migrate"): _migrate,
     ("coupon", "create"): _create,
@@ -218,6 +333,11 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
     ("coupon", "pause"): _pause,
     ("coupon", "resume"): _resume,
     ("status", None): _status,
+    ("rebuild", None): _rebuild,
+    ("reconcile", None): _reconcile,
+    ("dead", "list"): _dead_list,
+    ("dead", "replay"): _dead_replay,
+    ("dead", "release"): _dead_release,
 }
 
 
@@ -229,11 +349,24 @@ def _table_line(cells: tuple[str, ...]) -> str:
     return "  ".join(f"{cell:>13}" for cell in cells)
 
 
-def _print_human(result: Any) -> None:
+class DriftFound(Exception):
+    """``reconcile`` found drift and was not asked to repair it (exit code 3)."""
+
+
+def _print_result(result: Any, *, as_json: bool, columns: tuple[str, ...] | None = None) -> None:
+    if as_json:
+        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        _print_human(result, columns)
+
+
+def _print_human(result: Any, columns: tuple[str, ...] | None = None) -> None:
     if isinstance(result, list):  # a table
-        rows = [[_cell(item.get(c)) for c in LIST_COLUMNS] for item in result]
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(LIST_COLUMNS)]
-        for line in [list(LIST_COLUMNS), *rows]:
+        if columns is None:
+            columns = tuple(result[0]) if result else LIST_COLUMNS
+        rows = [[_cell(item.get(c)) for c in columns] for item in result]
+        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+        for line in [list(columns), *rows]:
             print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
     elif isinstance(result, dict):
         width = max((len(str(k)) for k in result), default=0)
@@ -251,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
         result: Any = asyncio.run(command(settings, args))
     except KeyboardInterrupt:
         return 0
+    except DriftFound as exc:
+        print(f"couponctl: {exc} (run with --repair to fix it)", file=sys.stderr)
+        return 3
     except (ConfigError, AppError, ValueError) as exc:
         print(f"couponctl: {exc}", file=sys.stderr)
         return 1
@@ -262,10 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result is None:
         return 0
-    if args.json:
-        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        _print_human(result)
+    columns = COLUMNS.get((args.noun, getattr(args, "verb", None)))
+    _print_result(result, as_json=args.json, columns=columns)
     return 0
 
 

@@ -16,12 +16,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from shared import keys
+from shared import keys, redis_state
 from shared.errors import (
     Conflict,
     CouponNotFound,
     InvalidRequest,
     OutsideWindow,
+    RedisStateLost,
     SoldOut,
     Unavailable,
 )
@@ -32,6 +33,10 @@ log = structlog.get_logger(__name__)
 COUPON_TYPE = "FIRST_COME_FIRST_SERVED"
 MAX_ID = 2**63 - 1
 MAX_INT32 = 2**31 - 1
+# Window bounds a coupon may use: the Redis snapshot keeps epoch milliseconds and MySQL's
+# DATETIME ends with year 9999.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, tzinfo=UTC)
 
 
 def to_ms(moment: datetime) -> int:
@@ -168,7 +173,13 @@ def _datetime_field(body: dict[str, Any], name: str) -> datetime:
         raise InvalidRequest(f"{name} is not an ISO-8601 timestamp: {value!r}") from None
     if moment.tzinfo is None:
         raise InvalidRequest(f"{name} needs a UTC offset, e.g. 2026-11-25T13:00:00+09:00")
-    return moment.astimezone(UTC)
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:  # an offset that pushes year 1 or 9999 out of range
+        utc = None
+    if utc is None or not EARLIEST <= utc <= LATEST:
+        raise InvalidRequest(f"{name} must lie between {EARLIEST.year} and {LATEST.year}")
+    return utc
 
 
 def _title(body: dict[str, Any]) -> str:
@@ -283,8 +294,11 @@ async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Co
     """Insert the MySQL row, then initialise the Redis state so the coupon is ready to issue.
 
     If Redis cannot be written the row is deleted again, so a coupon exists either in both
-    stores or in neither.
+    stores or in neither. Refused while Redis has lost its state: creating would mark the
+    empty Redis as complete and hide the loss of every other coupon.
     """
+    if not await redis_state.state_present(redis, pool):
+        raise RedisStateLost("Redis lost the coupon state; rebuild it before creating coupons")
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
             "INSERT INTO coupons (title, coupon_type, total_quantity, discount_amount,"
@@ -391,9 +405,19 @@ async def list_coupons(
 
 
 async def load_snapshot(redis: Redis, coupon_id: int) -> Coupon | None:
-    """The coupon as Redis knows it, or None when Redis has no state for it."""
-    meta = await redis.hgetall(keys.CouponKeys(coupon_id).meta)
+    """The coupon as Redis knows it, or None when there is no such coupon.
+
+    Raises :class:`RedisStateLost` when the coupon is missing because Redis lost its data
+    (the state marker is gone too): "not found" would be a lie, and re-creating state would
+    sell the stock a second time.
+    """
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(keys.CouponKeys(coupon_id).meta)
+        pipe.exists(keys.STATE_MARKER)
+        meta, marked = await pipe.execute()
     if not meta:
+        if not marked:
+            raise RedisStateLost("Redis lost the coupon state; an operator must rebuild it")
         return None
     return Coupon.from_meta({_s(k): _s(v) for k, v in meta.items()})
 

@@ -14,6 +14,11 @@ ACTIVE_COUPONS = "coupons:active"
 CHANGES_CHANNEL = "coupons:changed"
 """Pub/sub channel; the message is a coupon id whose snapshot or stock changed."""
 
+STATE_MARKER = "coupons:state"
+"""STRING written once Redis holds the service's state. If Redis comes back empty (state lost),
+the marker is gone too, and the gateway answers 503 instead of "no such coupon" (or worse,
+selling the stock a second time) until ``couponctl rebuild`` restores the state from MySQL."""
+
 
 @dataclass(frozen=True, slots=True)
 class CouponKeys:

@@ -24,6 +24,15 @@ class IssueResult(enum.IntEnum):
     PAUSED = 5
 
 
+class ReplayResult(enum.IntEnum):
+    """Result codes of ``replay.lua``."""
+
+    QUEUED = 0
+    HOLDING = 1
+    SOLD_OUT = 2
+    STATE_MISSING = 3
+
+
 class UpdateStatus(enum.IntEnum):
     """Result of ``update.lua``."""
 
@@ -63,6 +72,7 @@ class Scripts:
         self._issue: AsyncScript = redis.register_script(_source("issue.lua"))
         self._release: AsyncScript = redis.register_script(_source("release.lua"))
         self._update: AsyncScript = redis.register_script(_source("update.lua"))
+        self._replay: AsyncScript = redis.register_script(_source("replay.lua"))
 
     async def reserve(self, coupon_id: int, user_ids: list[int]) -> BatchOutcome:
         """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
@@ -114,6 +124,17 @@ class Scripts:
             args += [field, value]
         status, reserved = await self._update(keys=[k.meta, k.users], args=args)
         return UpdateStatus(int(status)), int(reserved)
+
+    async def replay(
+        self, coupon_id: int, user_id: int, accepted_ms: int, source_id: str
+    ) -> tuple[ReplayResult, str]:
+        """Re-queue a dead-lettered request for ``user_id``; (result, new entry id or "")."""
+        k = keys.CouponKeys(coupon_id)
+        code, entry_id = await self._replay(
+            keys=[k.meta, k.users, k.requests, k.failed],
+            args=[coupon_id, user_id, accepted_ms, source_id],
+        )
+        return ReplayResult(int(code)), _text(entry_id)
 
 
 def _text(value: Any) -> str:

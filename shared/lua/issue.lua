@@ -87,5 +87,5 @@ for i = 1, n do
         reply[#reply + 1] = ''
     end
 end
-reply[3] = total < 0 and -1 or (total - reserved)
+reply[3] = total < 0 and -1 or math.max(total - reserved, 0)
 return reply

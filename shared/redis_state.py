@@ -1,0 +1,57 @@
+"""What the service requires of its Redis, checked at start, and the marker that tells a Redis
+that lost its data apart from one that never had any."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import aiomysql
+import structlog
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.settings import ConfigError
+
+log = structlog.get_logger(__name__)
+
+
+async def check_guarantees(redis: Redis) -> list[str]:
+    """Refuse a Redis that may evict keys; return warnings for weaker durability.
+
+    Uses INFO rather than CONFIG GET, which managed Redis services often disable. An evicted
+    dedup set or stream would resell coupons or lose accepted requests, so eviction is fatal;
+    without AOF a Redis crash loses the requests accepted since the last snapshot, which the
+    operator may accept knowingly, so that only warns.
+    """
+    memory = await redis.info("memory")
+    policy = str(memory.get("maxmemory_policy", "noeviction"))
+    if policy != "noeviction":
+        raise ConfigError(
+            f"Redis maxmemory-policy is {policy!r}; it must be 'noeviction' or accepted requests"
+            " and dedup sets could be evicted"
+        )
+    persistence = await redis.info("persistence")
+    warnings = []
+    if str(persistence.get("aof_enabled", "0")) != "1":
+        warnings.append("Redis AOF is off: a Redis crash loses accepted requests (appendonly yes)")
+    return warnings
+
+
+async def mark_initialised(redis: Redis) -> None:
+    """Record that this Redis holds the service's state (idempotent)."""
+    await redis.set(keys.STATE_MARKER, datetime.now(UTC).isoformat(), nx=True)
+
+
+async def state_present(redis: Redis, pool: aiomysql.Pool) -> bool:
+    """True when Redis holds the state, or MySQL has no coupons yet (a fresh system, which it
+    then marks). False when MySQL has coupons but Redis lost the marker: state lost."""
+    if await redis.exists(keys.STATE_MARKER):
+        return True
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT EXISTS (SELECT 1 FROM coupons)")
+        (has_coupons,) = await cur.fetchone()
+        await conn.rollback()
+    if has_coupons:
+        return False
+    await mark_initialised(redis)
+    return True
