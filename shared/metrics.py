@@ -1,13 +1,70 @@
-"""Every Prometheus metric of the service, defined once."""
+"""Every Prometheus metric of the service, defined once, and how ``/metrics`` is rendered.
+
+Label values come from closed sets (outcomes, results, route templates, status classes) or, for
+the per-coupon stream gauges, from at most :data:`MAX_COUPON_SERIES` coupons, so the number of
+series stays bounded whatever the traffic.
+
+Several gateway processes share one port (``reuse_port``); a scrape lands on any one of them.
+With ``PROMETHEUS_MULTIPROC_DIR`` set (``scripts/run`` sets it, emptied at every start, when
+it runs more than one gateway process), every process writes its values to memory-mapped files
+in that folder and :func:`exposition` sums them, so any scrape reports the totals of all
+processes. The variable must be in the
+environment before this module is first imported: prometheus_client picks its value store then.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+if os.environ.get(MULTIPROC_ENV):
+    # The metrics below open their files in this folder as they are created; whoever starts
+    # the processes empties it once per start, this only makes sure it exists.
+    os.makedirs(os.environ[MULTIPROC_ENV], exist_ok=True)
+
+ISSUE_OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "sold_out",
+    "outside_window",
+    "not_found",
+    "invalid",
+    "unavailable",
+    "rate_limited",
+    "paused",
+)
+"""Every value of ``coupon_issue_requests_total{outcome}``; each issue request counts once."""
+
+WORKER_RESULTS = (
+    "committed",
+    "already_issued",
+    "dead_lettered",
+    "reclaimed",
+    "malformed",
+    "failed",
+)
+"""Every value of ``coupon_worker_entries_total{result}``."""
+
+MAX_COUPON_SERIES = 50
+"""Most coupons that get their own ``coupon`` label on the stream gauges; the rest are summed
+under ``coupon="other"``."""
 
 # Gateway
 ISSUE_REQUESTS = Counter(
     "coupon_issue_requests_total",
-    "Issue requests by outcome.",
+    "Issue requests (native and seed-compatible routes) by outcome.",
     ["outcome"],
 )
 HTTP_REQUEST_SECONDS = Histogram(
@@ -48,7 +105,79 @@ WORKER_COMMIT_SECONDS = Histogram(
     "Latency of one batch transaction, BEGIN to COMMIT.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+# Gauges name a multiprocess mode so that, should a worker ever run with the multiprocess
+# folder set, a scrape shows one value instead of one series per process id.
 WORKER_MYSQL_UP = Gauge(
     "coupon_worker_mysql_up",
     "1 when the worker's last MySQL transaction succeeded.",
+    multiprocess_mode="livemin",
 )
+
+# Stream monitor (run by every worker; the values are the same from each, so dashboards take
+# the max over instances).
+STREAM_LAG = Gauge(
+    "coupon_stream_lag",
+    "Accepted requests not yet delivered to any worker, per coupon.",
+    ["coupon"],
+    multiprocess_mode="livemax",
+)
+STREAM_PENDING = Gauge(
+    "coupon_stream_pending",
+    "Requests delivered to a worker but not yet acknowledged (committed), per coupon.",
+    ["coupon"],
+    multiprocess_mode="livemax",
+)
+STREAM_OLDEST_PENDING_SECONDS = Gauge(
+    "coupon_stream_oldest_pending_age_seconds",
+    "Age of the oldest accepted request not yet committed and acknowledged, per coupon.",
+    ["coupon"],
+    multiprocess_mode="livemax",
+)
+COUPON_REMAINING = Gauge(
+    "coupon_remaining",
+    "Stock left to reserve, per coupon (coupons with unlimited stock are not reported).",
+    ["coupon"],
+    multiprocess_mode="livemax",
+)
+STREAM_MONITOR_UP = Gauge(
+    "coupon_stream_monitor_up",
+    "1 when the worker's last stream measurement succeeded.",
+    multiprocess_mode="livemin",
+)
+
+
+def init_gateway_series() -> None:
+    """Create every gateway label series at 0, so a rate() sees the first increment."""
+    for outcome in ISSUE_OUTCOMES:
+        ISSUE_REQUESTS.labels(outcome)
+    for result in ("hit", "miss"):
+        SNAPSHOT_LOOKUPS.labels(result)
+
+
+def init_worker_series() -> None:
+    """Create every worker label series at 0."""
+    for result in WORKER_RESULTS:
+        WORKER_ENTRIES.labels(result)
+
+
+def multiprocess_dir() -> str | None:
+    """The shared metrics folder of a multi-process gateway, or None in single-process mode."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition (body, content type): every process's totals in multiprocess mode,
+    this process's own registry otherwise."""
+    if multiprocess_dir() is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    # A fresh registry per scrape: the collector reads the files of every process, the living
+    # and the dead (a restarted process's counts are part of what clients saw).
+    registry = CollectorRegistry()
+    _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished process's live gauges (its counters stay in the totals)."""
+    if multiprocess_dir() is not None:
+        _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

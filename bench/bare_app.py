@@ -1,0 +1,44 @@
+"""The benchmarks' yardstick: a bare aiohttp JSON endpoint on uvloop, nothing else.
+
+``POST /issue`` parses a JSON body and answers a small JSON object, the least any issue route
+must do. ``python -m bench.bare_app PORT``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import orjson
+import uvloop
+from aiohttp import web
+
+
+async def issue(request: web.Request) -> web.Response:
+    body = orjson.loads(await request.read())
+    return web.Response(
+        body=orjson.dumps({"user_id": body.get("user_id"), "status": "accepted"}),
+        status=202,
+        content_type="application/json",
+    )
+
+
+def main() -> None:
+    app = web.Application()
+    app.router.add_post("/issue", issue)
+    app.router.add_get("/readyz", ready)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=int(sys.argv[1]),
+        access_log=None,
+        print=None,
+        loop=uvloop.new_event_loop(),
+    )
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+if __name__ == "__main__":
+    main()

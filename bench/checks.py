@@ -1,0 +1,191 @@
+"""What the benchmarks and the load test assert after a run: the invariants, from MySQL and Redis.
+
+The clients' view goes in (who was told "accepted", whose answer was unknown); the stores' view
+comes out, compared: never more rows than the stock, never two rows for one user, every
+accepted request a row (or dead-lettered and shown failed), no row for a user who was only ever
+refused, ``issued_quantity`` equal to the rows, nothing left pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import aiomysql
+from redis.asyncio import Redis
+
+from shared import keys
+
+
+@dataclass
+class InvariantReport:
+    """One coupon's end state against what the clients saw."""
+
+    coupon_id: int
+    total_quantity: int | None
+    rows: int
+    issued_quantity: int
+    duplicate_users: int
+    pending: int
+    dead_lettered: int
+    accepted_seen: int
+    lost: list[int] = field(default_factory=list)
+    """Told accepted, yet neither a row nor dead-lettered (shown failed)."""
+    unexpected: list[int] = field(default_factory=list)
+    """A row for a user who was never told accepted and had no unknown answer."""
+
+    @property
+    def oversold(self) -> bool:
+        return self.total_quantity is not None and self.rows > self.total_quantity
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.oversold
+            and self.duplicate_users == 0
+            and not self.lost
+            and not self.unexpected
+            and self.pending == 0
+            and self.issued_quantity == self.rows
+        )
+
+    def headline(self) -> str:
+        """``N issued of N, 0 duplicates, 0 lost``."""
+        total = "unlimited" if self.total_quantity is None else f"{self.total_quantity:,}"
+        return (
+            f"{self.rows:,} issued of {total}, {self.duplicate_users} duplicates,"
+            f" {len(self.lost)} lost"
+        )
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.oversold:
+            found.append(f"I1 oversold: {self.rows} rows > total {self.total_quantity}")
+        if self.duplicate_users:
+            found.append(f"I2 {self.duplicate_users} users with more than one row")
+        if self.lost:
+            found.append(f"I3 {len(self.lost)} accepted but lost, e.g. {self.lost[:5]}")
+        if self.unexpected:
+            found.append(f"I4 {len(self.unexpected)} rows for refused users: {self.unexpected[:5]}")
+        if self.issued_quantity != self.rows:
+            found.append(f"I6 issued_quantity {self.issued_quantity} != rows {self.rows}")
+        if self.pending:
+            found.append(f"not drained: {self.pending} still pending")
+        return found
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "coupon_id": self.coupon_id,
+            "total_quantity": self.total_quantity,
+            "rows": self.rows,
+            "issued_quantity": self.issued_quantity,
+            "duplicate_users": self.duplicate_users,
+            "pending": self.pending,
+            "dead_lettered": self.dead_lettered,
+            "accepted_seen": self.accepted_seen,
+            "lost": len(self.lost),
+            "unexpected_rows": len(self.unexpected),
+            "ok": self.ok,
+            "headline": self.headline(),
+        }
+
+
+async def backlog(redis: Redis, coupon_id: int) -> int:
+    """Entries not yet committed and acknowledged: the group's pending plus its lag."""
+    groups = await redis.xinfo_groups(keys.CouponKeys(coupon_id).requests)
+    group = next((g for g in groups if g["name"] == keys.GROUP), None)
+    if group is None:
+        return 0
+    return int(group["pending"]) + int(group.get("lag") or 0)
+
+
+async def row_count(pool: aiomysql.Pool, coupon_id: int) -> int:
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT COUNT(*) FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
+        (count,) = await cur.fetchone()
+        await conn.rollback()
+    return int(count)
+
+
+async def wait_drained(redis: Redis, coupon_id: int, *, within: float) -> int:
+    """Wait until nothing is pending for the coupon (or ``within`` passes); the backlog left."""
+    deadline = time.monotonic() + within
+    while True:
+        left = await backlog(redis, coupon_id)
+        if left == 0 or time.monotonic() > deadline:
+            return left
+        await asyncio.sleep(0.1)
+
+
+async def check_coupon(
+    pool: aiomysql.Pool,
+    redis: Redis,
+    coupon_id: int,
+    *,
+    accepted: Iterable[int] | None,
+    unknown: Iterable[int] = (),
+) -> InvariantReport:
+    """Compare the stores with the clients' view (``accepted=None``: counts only)."""
+    k = keys.CouponKeys(coupon_id)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT total_quantity, issued_quantity FROM coupons WHERE id = %s", (coupon_id,)
+        )
+        total, issued_quantity = await cur.fetchone()
+        await cur.execute("SELECT user_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
+        users = [int(row[0]) for row in await cur.fetchall()]
+        await conn.rollback()
+    failed = {int(u) for u in await redis.smembers(k.failed)}
+    dead = await redis.xlen(k.dead)
+    report = InvariantReport(
+        coupon_id=coupon_id,
+        total_quantity=None if total is None else int(total),
+        rows=len(users),
+        issued_quantity=int(issued_quantity),
+        duplicate_users=len(users) - len(set(users)),
+        pending=await backlog(redis, coupon_id),
+        dead_lettered=int(dead),
+        accepted_seen=0,
+    )
+    if accepted is not None:
+        told = set(accepted)
+        holders = set(users)
+        report.accepted_seen = len(told)
+        report.lost = sorted(told - holders - failed)
+        report.unexpected = sorted(holders - told - set(unknown))
+    return report
+
+
+async def create_coupon(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    admin_token: str,
+    *,
+    total: int | None,
+    title: str,
+    minutes: int = 24 * 60,
+) -> int:
+    """Create a coupon through the admin API (the MySQL row and the Redis state); its id."""
+    now = datetime.now(UTC)
+    body = {
+        "title": title,
+        "total_quantity": total,
+        "discount_amount": 1000,
+        "min_available_amount": 10000,
+        "date_issue_start": (now - timedelta(minutes=1)).isoformat(),
+        "date_issue_end": (now + timedelta(minutes=minutes)).isoformat(),
+    }
+    async with session.post(
+        f"{base_url}/admin/coupons",
+        json=body,
+        headers={"Authorization": f"Bearer {admin_token}"},
+    ) as response:
+        answer = await response.json(content_type=None)
+        if response.status != 201:
+            raise RuntimeError(f"creating a coupon failed: {response.status} {answer}")
+        return int(answer["id"])

@@ -1,0 +1,378 @@
+"""A private, throw-away copy of the whole system for benchmarks and load tests.
+
+Starts its own ``redis-server`` and ``mariadbd`` on free loopback ports with data in a temporary
+folder, applies the schema, and starts gateways, workers or any helper process on request. Every
+process it starts is stopped by :meth:`Stack.close` (SIGTERM, then SIGKILL after a grace
+period), which the ``with`` block calls on any exit: success, failure or Ctrl-C. As a last
+resort each child gets ``PR_SET_PDEATHSIG``, so even a SIGKILLed parent leaves nothing running.
+
+With ``COUPON_REDIS_URL`` / ``COUPON_MYSQL_URL`` set, those servers are used instead (as
+``scripts/run`` does) and nothing is started for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import getpass
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import pymysql
+
+from shared.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+_PR_SET_PDEATHSIG = 1
+
+
+class StackError(RuntimeError):
+    """A server did not come up; the message names its log."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_binary(*names: str) -> str:
+    for name in names:
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+        if found:
+            return found
+    raise StackError(f"none of {names} is installed (./scripts/run installs them)")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the parent dies, even by SIGKILL, the
+    # kernel sends this child SIGTERM, so an interrupted run never leaves servers behind.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class Proc:
+    """One child process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    argv: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Service:
+    """Processes serving one HTTP port (a gateway of N processes, or a helper app)."""
+
+    url: str
+    port: int
+    procs: list[Proc] = field(default_factory=list)
+
+
+def raise_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt, so ``finally`` blocks stop everything."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
+class Stack:
+    """Redis, MariaDB and the service's processes under one temporary folder."""
+
+    def __init__(self, *, keep: bool = False, redis_appendfsync: str = "always") -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="coupon-stack-"))
+        self.logs = self.root / "log"
+        self.logs.mkdir()
+        self._keep = keep
+        self._appendfsync = redis_appendfsync
+        self._procs: list[Proc] = []
+        self.redis_url = os.environ.get("COUPON_REDIS_URL", "")
+        self.mysql_url = os.environ.get("COUPON_MYSQL_URL", "")
+        self.admin_token = secrets.token_urlsafe(24)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        try:
+            if not self.redis_url:
+                self._start_redis()
+            if not self.mysql_url:
+                self._start_mysql()
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _migrate(self) -> None:
+        """``couponctl db migrate``, as an operator runs it."""
+        done = subprocess.run(
+            [PYTHON, "-m", "shared.cli", "db", "migrate"],
+            cwd=REPO,
+            env=self.env(self.settings()),
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise StackError(f"couponctl db migrate failed: {done.stderr.decode()[-2000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every process this stack started, newest first; remove the folder."""
+        self.stop(list(reversed(self._procs)))
+        if not self._keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def processes(self) -> list[dict[str, object]]:
+        """Every process started so far (running or not), for the record."""
+        return [{"pid": p.pid, "name": p.name, "argv": p.argv} for p in self._procs]
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path = REPO,
+    ) -> Proc:
+        """Start a child with its output in ``log/<name>.log``."""
+        log_path = self.logs / f"{name}.log"
+        with log_path.open("ab") as log_file:
+            popen = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the
+                # children in order.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no Python state
+            )
+        proc = Proc(name, popen, log_path, list(argv))
+        self._procs.append(proc)
+        return proc
+
+    def stop(self, procs: Sequence[Proc], grace: float = 15.0) -> None:
+        """SIGTERM each process, wait up to ``grace`` seconds in all, SIGKILL what is left."""
+        for proc in procs:
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.popen.kill()
+                proc.popen.wait(timeout=10)
+
+    def wait_until(self, what: str, check: object, procs: Sequence[Proc], within: float) -> None:
+        """Poll ``check()`` until true; fail early, with the log, if a process exits."""
+        assert callable(check)
+        deadline = time.monotonic() + within
+        while True:
+            for proc in procs:
+                if not proc.alive():
+                    raise StackError(
+                        f"{proc.name} exited with {proc.popen.returncode} while starting"
+                        f" ({proc.log_path}):\n{proc.log_tail()}"
+                    )
+            if check():
+                return
+            if time.monotonic() > deadline:
+                logs = ", ".join(str(p.log_path) for p in procs)
+                raise StackError(f"{what} did not come up within {within:.0f} s; see {logs}")
+            time.sleep(0.05)
+
+    # -- servers -----------------------------------------------------------------------------
+
+    def _start_redis(self) -> None:
+        port = free_port()
+        data = self.root / "redis"
+        data.mkdir()
+        argv = [
+            find_binary("redis-server"),
+            "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+            "--appendonly", "yes", "--appendfsync", self._appendfsync,
+            "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes",
+        ]  # fmt: skip
+        proc = self.spawn("redis", argv)
+        self.wait_until("Redis", lambda: _tcp_ping(port, b"PING\r\n", b"+PONG"), [proc], 30)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+
+    def _start_mysql(self) -> None:
+        port = free_port()
+        data = self.root / "mysql"
+        sock = self.root / "mysql.sock"
+        user = getpass.getuser()
+        # A private temporary folder: two bootstraps sharing /tmp can collide on table names.
+        tmp = self.root / "mysql-tmp"
+        tmp.mkdir()
+        install = subprocess.run(
+            [
+                find_binary("mariadb-install-db", "mysql_install_db"),
+                "--no-defaults", f"--user={user}", f"--datadir={data}",
+                "--auth-root-authentication-method=socket", "--skip-test-db",
+            ],
+            capture_output=True,
+            check=False,
+            timeout=120,
+            env=dict(os.environ, TMPDIR=str(tmp)),
+        )  # fmt: skip
+        if install.returncode != 0:
+            raise StackError(f"mariadb-install-db failed: {install.stderr.decode()[-2000:]}")
+        argv = [
+            find_binary("mariadbd", "mysqld"),
+            "--no-defaults", f"--datadir={data}", f"--port={port}", "--bind-address=127.0.0.1",
+            f"--socket={sock}", f"--pid-file={self.root / 'mysql.pid'}", f"--user={user}",
+            f"--tmpdir={tmp}",
+            "--skip-name-resolve", "--innodb-flush-log-at-trx-commit=1",
+            "--innodb-buffer-pool-size=256M", "--max-connections=500",
+            f"--log-error={self.logs / 'mariadb.err'}",
+        ]  # fmt: skip
+        proc = self.spawn("mariadb", argv)
+        self.wait_until("MariaDB", lambda: _socket_login(sock, user), [proc], 60)
+        password = secrets.token_urlsafe(18)
+        conn = pymysql.connect(unix_socket=str(sock), user=user)
+        try:
+            with conn.cursor() as cur:
+                cur.execute("CREATE USER 'coupon'@'127.0.0.1' IDENTIFIED BY %s", (password,))
+                cur.execute("GRANT ALL PRIVILEGES ON `coupon`.* TO 'coupon'@'127.0.0.1'")
+        finally:
+            conn.close()
+        self.mysql_url = f"mysql://coupon:{password}@127.0.0.1:{port}/coupon"
+
+    # -- the service -------------------------------------------------------------------------
+
+    def settings(self, **changes: object) -> Settings:
+        """Settings for a process of this stack (JSON logs, our servers, our admin token)."""
+        base = Settings(
+            redis_url=self.redis_url,
+            mysql_url=self.mysql_url,
+            admin_token=self.admin_token,
+            log_format="json",
+        )
+        return base.replace(**changes) if changes else base
+
+    def env(self, settings: Settings, **extra: str) -> dict[str, str]:
+        """A child environment: ours without any COUPON_*, plus ``settings`` and ``extra``."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.update(settings.to_env())
+        env.update(extra)
+        return env
+
+    def start_gateway(
+        self,
+        *,
+        processes: int = 1,
+        module: str = "gateway",
+        name: str = "gateway",
+        **changes: object,
+    ) -> Service:
+        """``processes`` copies of ``python -m <module>`` on one port (``reuse_port``), with
+        a fresh multiprocess metrics folder when there is more than one; waits for /readyz."""
+        port = free_port()
+        settings = self.settings(http_port=port, gateway_processes=processes, **changes)
+        extra = {}
+        if processes > 1:
+            multiproc = self.root / f"prometheus-{name}-{port}"
+            multiproc.mkdir()
+            extra["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
+        env = self.env(settings, **extra)
+        procs = [
+            self.spawn(f"{name}-{port}-{i}", [PYTHON, "-m", module], env=env)
+            for i in range(processes)
+        ]
+        url = f"http://127.0.0.1:{port}"
+        self.wait_until(name, lambda: http_ok(f"{url}/readyz"), procs, 60)
+        return Service(url, port, procs)
+
+    def start_workers(self, count: int, **changes: object) -> list[Proc]:
+        """``count`` workers (``python -m stream_worker``), each with its own metrics port."""
+        procs = []
+        for i in range(count):
+            metrics_port = free_port()
+            settings = self.settings(
+                worker_name=f"stack-worker-{i}", worker_metrics_port=metrics_port, **changes
+            )
+            proc = self.spawn(
+                f"worker-{i}", [PYTHON, "-m", "stream_worker"], env=self.env(settings)
+            )
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            self.wait_until(f"worker {i}", lambda url=url: http_ok(url), [proc], 60)
+            procs.append(proc)
+        return procs
+
+
+def _tcp_ping(port: int, send: bytes, expect: bytes) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(send)
+            return sock.recv(64).startswith(expect)
+    except OSError:
+        return False
+
+
+def _socket_login(sock: Path, user: str) -> bool:
+    try:
+        pymysql.connect(unix_socket=str(sock), user=user, connect_timeout=1).close()
+    except pymysql.err.MySQLError:
+        return False
+    return True
+
+
+def http_ok(url: str) -> bool:
+    """GET answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our loopback
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def stack(**kwargs: object) -> Iterator[Stack]:
+    """``with stack() as s:`` — also stops everything on SIGTERM/SIGHUP."""
+    raise_on_signals()
+    with Stack(**kwargs) as running:  # type: ignore[arg-type]
+        yield running
