@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import structlog
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from shared import logging as shared_logging
+from shared import metrics
 from shared.settings import ConfigError, Settings, redact_url
 
 
@@ -23,12 +25,24 @@ def main() -> None:
     log = structlog.get_logger("gateway")
     if settings.admin_token is None:
         log.warning("admin_api_disabled", reason="COUPON_ADMIN_TOKEN is not set")
+    if settings.auth == "none":
+        log.warning(
+            "identity_not_verified",
+            reason="COUPON_AUTH=none: the user id in the request body is trusted as is",
+        )
+    if settings.gateway_processes > 1 and metrics.multiprocess_dir() is None:
+        log.warning(
+            "metrics_per_process",
+            reason=f"{metrics.MULTIPROC_ENV} is not set: each scrape shows one process only",
+        )
     log.info(
         "gateway_starting",
         host=settings.http_host,
         port=settings.http_port,
         redis=redact_url(settings.redis_url),
         mysql=settings.mysql.redacted(),
+        auth=settings.auth,
+        admin_port=settings.admin_port or None,
     )
     try:
         web.run_app(
@@ -41,9 +55,14 @@ def main() -> None:
             shutdown_timeout=settings.shutdown_grace_seconds,
             loop=uvloop.new_event_loop(),
         )
+    except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys
+        print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except OSError as exc:
         log.error("gateway_start_failed", error=str(exc))
         raise SystemExit(1) from None
+    finally:
+        metrics.mark_process_dead(os.getpid())
 
 
 if __name__ == "__main__":

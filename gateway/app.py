@@ -9,12 +9,15 @@ import structlog
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from gateway import admin, appkeys, compat, routes
+from gateway import admin, appkeys, compat, openapi, routes
+from gateway.auth import Authenticator
+from gateway.backpressure import InFlightLimit, PipelineHealth
 from gateway.coalescer import Coalescer
 from gateway.issuing import Issuer
 from gateway.problems import problem_middleware
+from gateway.ratelimit import Limits
 from gateway.snapshots import SnapshotCache
-from shared import db, redis_client
+from shared import db, metrics, redis_client, redis_state
 from shared.scripts import Scripts
 from shared.settings import Settings
 
@@ -23,8 +26,14 @@ log = structlog.get_logger(__name__)
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    redis = redis_client.connect(settings.redis_url, socket_timeout=settings.redis_timeout_seconds)
+    redis = redis_client.connect(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_seconds,
+        cluster=settings.redis_cluster,
+    )
     await redis.ping()
+    for warning in await redis_state.check_guarantees(redis):
+        log.warning("redis_durability_weak", detail=warning)
     app[appkeys.REDIS] = redis
     app[appkeys.SCRIPTS] = Scripts(redis)
     yield
@@ -34,6 +43,9 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _mysql_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await db.create_pool(app[appkeys.SETTINGS].mysql, minsize=1, maxsize=5)
     app[appkeys.MYSQL] = pool
+    if not await redis_state.state_present(app[appkeys.REDIS], pool):
+        # Keep serving: every coupon answers 503 until `couponctl rebuild` restores the state.
+        log.error("redis_state_lost", action="run couponctl rebuild --all")
     yield
     pool.close()
     await pool.wait_closed()
@@ -49,13 +61,66 @@ async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[appkeys.SNAPSHOTS] = snapshots
     app[appkeys.COALESCER] = coalescer
-    app[appkeys.ISSUER] = Issuer(snapshots, coalescer)
+    health = PipelineHealth(
+        app[appkeys.REDIS],
+        max_lag=settings.shed_max_lag,
+        max_age_seconds=settings.shed_max_age_seconds,
+    )
+    app[appkeys.ISSUER] = Issuer(
+        snapshots, coalescer, health=health, in_flight=InFlightLimit(settings.max_in_flight)
+    )
     stop = asyncio.Event()
-    listener = asyncio.create_task(snapshots.listen(stop), name="snapshot-listener")
+    tasks = [
+        asyncio.create_task(snapshots.listen(stop), name="snapshot-listener"),
+        asyncio.create_task(health.run(stop), name="pipeline-health"),
+    ]
     yield
     stop.set()
     await coalescer.drain()
-    await listener
+    await asyncio.gather(*tasks)
+
+
+async def _all_processes_metrics(request: web.Request) -> web.Response:
+    """Prometheus text with every gateway process's totals; the files are read off the loop."""
+    body, content_type = await asyncio.to_thread(metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def _admin_listener_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With ``COUPON_ADMIN_PORT`` set, serve the admin routes on their own listener, sharing the
+    public app's Redis client and MySQL pool (it runs after they are opened, and stops first)."""
+    settings = app[appkeys.SETTINGS]
+    admin_app = create_admin_app(settings)
+    admin_app[appkeys.REDIS] = app[appkeys.REDIS]
+    admin_app[appkeys.MYSQL] = app[appkeys.MYSQL]
+    runner = web.AppRunner(
+        admin_app, access_log=None, shutdown_timeout=settings.shutdown_grace_seconds
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(
+            runner,
+            settings.admin_host,
+            settings.admin_port,
+            reuse_port=settings.gateway_processes > 1,
+        )
+        await site.start()
+        log.info("admin_listening", host=settings.admin_host, port=settings.admin_port)
+        yield
+    finally:
+        await runner.cleanup()
+
+
+def create_admin_app(settings: Settings) -> web.Application:
+    """The admin routes alone; :func:`create_app` serves them this way when
+    ``COUPON_ADMIN_PORT`` is set (the caller provides ``REDIS`` and ``MYSQL``)."""
+    app = web.Application(
+        client_max_size=settings.max_body_bytes,
+        middlewares=[problem_middleware],
+    )
+    app[appkeys.SETTINGS] = settings
+    app.add_routes(admin.routes)
+    return app
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -65,9 +130,19 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[problem_middleware],
     )
     app[appkeys.SETTINGS] = settings
+    app[appkeys.AUTHENTICATOR] = Authenticator(settings)
+    app[appkeys.LIMITS] = Limits(settings)
     app.cleanup_ctx.extend([_redis_ctx, _mysql_ctx, _issuing_ctx])
     app.add_routes(routes.routes)
     app.add_routes(compat.routes)
-    app.add_routes(admin.routes)
-    app.router.add_get("/metrics", server_stats)
+    if settings.admin_port:
+        # Admin routes only on their own listener: the public one answers 404 for /admin/*.
+        app.cleanup_ctx.append(_admin_listener_ctx)
+    else:
+        app.add_routes(admin.routes)
+    metrics.init_gateway_series()
+    # Several processes on one port: any scrape must sum them all (see shared.metrics).
+    multi_process = metrics.multiprocess_dir() is not None
+    app.router.add_get("/metrics", _all_processes_metrics if multi_process else server_stats)
+    app.router.add_get("/openapi.json", openapi.openapi_json)
     return app

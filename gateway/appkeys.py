@@ -12,8 +12,10 @@ from shared.scripts import Scripts
 from shared.settings import Settings
 
 if TYPE_CHECKING:
+    from gateway.auth import Authenticator
     from gateway.coalescer import Coalescer
     from gateway.issuing import Issuer
+    from gateway.ratelimit import Limits
     from gateway.snapshots import SnapshotCache
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -23,3 +25,5 @@ SCRIPTS = web.AppKey("scripts", Scripts)
 SNAPSHOTS: web.AppKey[SnapshotCache] = web.AppKey("snapshots")
 COALESCER: web.AppKey[Coalescer] = web.AppKey("coalescer")
 ISSUER: web.AppKey[Issuer] = web.AppKey("issuer")
+AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
+LIMITS: web.AppKey[Limits] = web.AppKey("limits")

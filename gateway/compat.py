@@ -20,7 +20,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from gateway import appkeys
+from gateway import appkeys, auth
 from gateway.validation import id_field, json_object
 from shared import issue_store, keys, metrics
 from shared.errors import CouponNotFound, InvalidRequest, Rejection, SoldOut
@@ -47,7 +47,8 @@ async def _seed_body(request: web.Request) -> tuple[int, int]:
     """(coupon id, user id) from the seed's body; a missing or non-integer field is a 400."""
     try:
         body = await json_object(request)
-        return id_field(body, "couponId"), id_field(body, "userId")
+        # The same gate as the native route: rate limits and identity, before any reservation.
+        return id_field(body, "couponId"), auth.issuing_user(request, body, "userId")
     except InvalidRequest:
         metrics.ISSUE_REQUESTS.labels("invalid").inc()
         raise

@@ -43,8 +43,9 @@ def problem_response(
 
 
 def render(error: AppError) -> web.Response:
-    headers = None if error.retry_after is None else {"Retry-After": str(error.retry_after)}
-    return problem_response(error.status, error.code, error.title, error.detail, headers=headers)
+    return problem_response(
+        error.status, error.code, error.title, error.detail, headers=error.headers()
+    )
 
 
 def _http_code(status: int) -> str:
@@ -61,7 +62,10 @@ def _http_code(status: int) -> str:
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every error into problem+json and log one line per request."""
     started = time.perf_counter()
-    request_id = request.headers.get("X-Request-ID") or f"{_prefix}-{next(_request_ids):x}"
+    # The caller's id is echoed and logged, so it is bounded once, here.
+    request_id = (request.headers.get("X-Request-ID") or "")[:128] or (
+        f"{_prefix}-{next(_request_ids):x}"
+    )
     response: web.StreamResponse
     try:
         response = await handler(request)
@@ -70,8 +74,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        # 405 must say which methods are allowed (RFC 9110 §15.5.6).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         response = problem_response(
-            exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason
+            exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason, headers=allow
         )
     except Exception:
         log.exception("unhandled_error", request_id=request_id, path=request.path)
@@ -81,7 +87,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             "Internal error",
             "An unexpected error occurred; it has been logged.",
         )
-    response.headers["X-Request-ID"] = request_id[:128]
+    response.headers["X-Request-ID"] = request_id
     elapsed = time.perf_counter() - started
     route = _route_name(request)
     metrics.HTTP_REQUEST_SECONDS.labels(route, f"{response.status // 100}xx").observe(elapsed)

@@ -7,11 +7,17 @@ import asyncio
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import appkeys
+from gateway import appkeys, auth
 from gateway.problems import json_response
-from gateway.validation import id_field, json_object, parse_id
+from gateway.validation import json_object, parse_id
 from shared import keys, metrics
-from shared.errors import CouponNotFound, InvalidRequest, IssueNotFound, Unavailable
+from shared.errors import (
+    CouponNotFound,
+    InvalidRequest,
+    IssueNotFound,
+    RedisStateLost,
+    Unavailable,
+)
 
 routes = web.RouteTableDef()
 
@@ -21,7 +27,8 @@ async def issue(request: web.Request) -> web.Response:
     """Reserve the coupon for the user; 202 means the request is durably queued."""
     try:
         coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
-        user_id = id_field(await json_object(request), "user_id")
+        # Rate limits and identity (401/403/429) are settled here, before any reservation.
+        user_id = auth.issuing_user(request, await json_object(request), "user_id")
     except InvalidRequest:
         metrics.ISSUE_REQUESTS.labels("invalid").inc()
         raise
@@ -42,6 +49,7 @@ async def issue_status(request: web.Request) -> web.Response:
     """pending, issued or failed, answered from Redis alone."""
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
     user_id = parse_id(request.match_info["user_id"], "user_id")
+    auth.check_user(request, user_id)
     k = keys.CouponKeys(coupon_id)
     try:
         async with request.app[appkeys.REDIS].pipeline(transaction=False) as pipe:
@@ -49,10 +57,13 @@ async def issue_status(request: web.Request) -> web.Response:
             pipe.sismember(k.issued, str(user_id))
             pipe.sismember(k.users, str(user_id))
             pipe.sismember(k.failed, str(user_id))
-            exists, issued, holding, failed = await pipe.execute()
+            pipe.exists(keys.STATE_MARKER)
+            exists, issued, holding, failed, marked = await pipe.execute()
     except (RedisError, OSError):
         raise Unavailable("Redis is unreachable") from None
     if not exists:
+        if not marked:
+            raise RedisStateLost("Redis lost the coupon state; an operator must rebuild it")
         raise CouponNotFound(f"coupon {coupon_id} does not exist")
     if issued:
         status = "issued"
@@ -90,10 +101,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Redis and MySQL both answer; 503 otherwise."""
+    """Redis (with its state) and MySQL both answer; 503 otherwise."""
     checks = {"redis": "ok", "mysql": "ok"}
+    redis = request.app[appkeys.REDIS]
     try:
-        await asyncio.wait_for(request.app[appkeys.REDIS].ping(), 1.0)
+        async with asyncio.timeout(1.0):
+            if not await redis.exists(keys.STATE_MARKER):
+                checks["redis"] = "state_lost"
     except (RedisError, OSError, TimeoutError) as exc:
         checks["redis"] = type(exc).__name__
     try:

@@ -21,6 +21,12 @@ class AppError(Exception):
         super().__init__(detail or self.title)
         self.detail = detail or self.title
 
+    def headers(self) -> dict[str, str] | None:
+        """Extra response headers this error asks for (``Retry-After``, ``WWW-Authenticate``)."""
+        if self.retry_after is None:
+            return None
+        return {"Retry-After": str(self.retry_after)}
+
 
 class InvalidRequest(AppError):
     status = 400
@@ -29,9 +35,42 @@ class InvalidRequest(AppError):
 
 
 class Unauthorized(AppError):
+    """No credentials, or credentials that do not verify. ``challenge`` is the RFC 6750
+    ``WWW-Authenticate`` value that tells the client which scheme (and which error) applies."""
+
     status = 401
     code = "UNAUTHORIZED"
     title = "Missing or invalid credentials"
+
+    def __init__(self, detail: str | None = None, *, challenge: str = "Bearer") -> None:
+        super().__init__(detail)
+        self.challenge = challenge
+
+    def headers(self) -> dict[str, str] | None:
+        return {"WWW-Authenticate": self.challenge}
+
+
+class Forbidden(AppError):
+    """Authenticated, but not allowed to act for the user the request names."""
+
+    status = 403
+    code = "FORBIDDEN"
+    title = "Not allowed to act for this user"
+
+
+class RateLimited(AppError):
+    """Too many requests from one client address or for one user; nothing was reserved."""
+
+    status = 429
+    code = "RATE_LIMITED"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after_seconds = max(1, retry_after)
+
+    def headers(self) -> dict[str, str] | None:
+        return {"Retry-After": str(self.retry_after_seconds)}
 
 
 class Rejection(AppError):
@@ -87,6 +126,25 @@ class Unavailable(AppError):
     code = "FAIL_COUPON_ISSUE_REQUEST"
     title = "The service cannot accept requests right now"
     retry_after = 1
+
+
+class Overloaded(Unavailable):
+    """This gateway process has too many requests in progress; nothing was reserved."""
+
+    title = "Too many requests in progress"
+
+
+class PipelineBehind(Unavailable):
+    """The workers are too far behind on this coupon; nothing was reserved."""
+
+    title = "Issuing is catching up"
+    retry_after = 2
+
+
+class RedisStateLost(Unavailable):
+    """Redis came back without the service's state; selling now could sell the stock twice."""
+
+    title = "Coupon state is being restored"
 
 
 class Conflict(AppError):

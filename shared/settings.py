@@ -8,12 +8,23 @@ first request.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+AUTH_MODES = ("none", "jwt")
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
+# RFC 7518 3.2: an HMAC key at least as long as the hash output (256 bits for HS256).
+JWT_MIN_SECRET_BYTES = 32
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(ValueError):
@@ -67,6 +78,59 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
 
 
+def flag(raw: str) -> bool:
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off, in any case."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def parse_networks(raw: str) -> tuple[IpNetwork, ...]:
+    """``COUPON_TRUSTED_PROXIES``: comma-separated addresses or CIDRs (``10.0.0.0/8, ::1``)."""
+    networks = []
+    for item in raw.split(","):
+        part = item.strip()
+        if not part:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(part, strict=True))
+        except ValueError as exc:
+            raise ConfigError(f"COUPON_TRUSTED_PROXIES: {exc}") from None
+    return tuple(networks)
+
+
+def load_jwt_public_key(value: str, algorithm: str) -> rsa.RSAPublicKey | ec.EllipticCurvePublicKey:
+    """The verification key for RS256/ES256 from PEM text, or from the PEM file ``value`` names.
+
+    Returns a ``cryptography`` public key object, so tokens are verified without parsing PEM
+    per request. Raises :class:`ConfigError` naming the variable when the key is unusable.
+    """
+    if value.lstrip().startswith("-----BEGIN"):
+        pem = value.encode()
+    else:
+        try:
+            pem = Path(value).read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"COUPON_JWT_PUBLIC_KEY: cannot read {value!r}: {exc.strerror}"
+            ) from None
+    try:
+        key = load_pem_public_key(pem)
+    except (ValueError, TypeError):
+        raise ConfigError("COUPON_JWT_PUBLIC_KEY is not a PEM public key") from None
+    if algorithm == "RS256":
+        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+            raise ConfigError(
+                "COUPON_JWT_PUBLIC_KEY must be an RSA key of 2048 bits or more for RS256"
+            )
+    elif not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ConfigError("COUPON_JWT_PUBLIC_KEY must be a P-256 EC key for ES256")
+    return key
+
+
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -75,11 +139,14 @@ def _default_consumer_name() -> str:
 class Settings:
     """Everything a gateway, worker or couponctl process needs to know."""
 
-    redis_url: str = "redis://127.0.0.1:6380/0"
-    mysql_url: str = "mysql://root:@127.0.0.1:3307/coupon"
+    # Fields that may hold a secret stay out of repr(), so a logged or printed Settings object
+    # (a traceback, a test failure) never shows a password or token.
+    redis_url: str = dataclasses.field(default="redis://127.0.0.1:6380/0", repr=False)
+    redis_cluster: bool = False
+    mysql_url: str = dataclasses.field(default="mysql://root:@127.0.0.1:3307/coupon", repr=False)
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    admin_token: str | None = None
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
     gateway_processes: int = 1
     workers: int = 2
     log_format: str = "auto"
@@ -90,6 +157,9 @@ class Settings:
     snapshot_ttl_seconds: float = 10.0
     coalesce_max_batch: int = 512
     max_body_bytes: int = 4096
+    max_in_flight: int = 2048
+    shed_max_lag: int = 200_000
+    shed_max_age_seconds: float = 120.0
 
     # Worker
     worker_name: str = dataclasses.field(default_factory=_default_consumer_name)
@@ -101,6 +171,23 @@ class Settings:
     mysql_retry_max_seconds: float = 5.0
     shutdown_grace_seconds: float = 10.0
     worker_metrics_port: int = 0
+
+    # Identity, admin listener and abuse limits (gateway)
+    auth: str = "none"
+    jwt_algorithm: str = "HS256"
+    jwt_secret: str | None = dataclasses.field(default=None, repr=False)
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_seconds: float = 0.0
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 0
+    rate_limit_ip_per_second: float = 0.0
+    rate_limit_ip_burst: int = 0
+    rate_limit_user_per_second: float = 0.0
+    rate_limit_user_burst: int = 0
+    rate_limit_max_keys: int = 100_000
+    trusted_proxies: str = ""
 
     def __post_init__(self) -> None:
         MySQLDsn.parse(self.mysql_url)
@@ -141,6 +228,71 @@ class Settings:
             if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
                 bound = "0 or more" if zero_ok else "positive"
                 raise ConfigError(f"{name} must be a finite number of seconds, {bound}")
+        self._check_shedding()
+        self._check_security()
+
+    def _check_shedding(self) -> None:
+        """Load-shedding thresholds (COUPON_MAX_IN_FLIGHT, COUPON_SHED_*); 0 turns one off."""
+        for name, count in (
+            ("COUPON_MAX_IN_FLIGHT", self.max_in_flight),
+            ("COUPON_SHED_MAX_LAG", self.shed_max_lag),
+        ):
+            if count < 0:
+                raise ConfigError(f"{name} must be 0 (off) or more, got {count}")
+        if not math.isfinite(self.shed_max_age_seconds) or self.shed_max_age_seconds < 0:
+            raise ConfigError("COUPON_SHED_MAX_AGE_SECONDS must be 0 (off) or more seconds")
+
+    def _check_security(self) -> None:
+        """Identity, admin listener and rate-limit settings (COUPON_AUTH, _JWT_*, _RATE_LIMIT_*)."""
+        if self.auth not in AUTH_MODES:
+            raise ConfigError(f"COUPON_AUTH must be none or jwt, got {self.auth!r}")
+        if self.jwt_algorithm not in JWT_ALGORITHMS:
+            raise ConfigError(f"COUPON_JWT_ALGORITHM must be one of {', '.join(JWT_ALGORITHMS)}")
+        if self.auth == "jwt":
+            self._check_jwt_key()
+        if not math.isfinite(self.jwt_leeway_seconds) or not 0 <= self.jwt_leeway_seconds <= 300:
+            raise ConfigError("COUPON_JWT_LEEWAY_SECONDS must be between 0 and 300")
+        if not 0 <= self.admin_port <= 65535:
+            raise ConfigError(f"COUPON_ADMIN_PORT must be 0 (off) or a port, got {self.admin_port}")
+        if self.admin_port and (self.admin_host, self.admin_port) == (
+            self.http_host,
+            self.http_port,
+        ):
+            raise ConfigError("COUPON_ADMIN_PORT must differ from COUPON_HTTP_PORT on one host")
+        for kind in ("IP", "USER"):
+            rate = getattr(self, f"rate_limit_{kind.lower()}_per_second")
+            burst = getattr(self, f"rate_limit_{kind.lower()}_burst")
+            if not math.isfinite(rate) or rate < 0:
+                raise ConfigError(f"COUPON_RATE_LIMIT_{kind}_PER_SECOND must be 0 (off) or more")
+            if burst < 0:
+                raise ConfigError(f"COUPON_RATE_LIMIT_{kind}_BURST must be 0 (= the rate) or more")
+        if self.rate_limit_max_keys <= 0:
+            raise ConfigError("COUPON_RATE_LIMIT_MAX_KEYS must be positive")
+        parse_networks(self.trusted_proxies)
+
+    def _check_jwt_key(self) -> None:
+        """jwt mode needs exactly the key its algorithm uses; refusing the other one catches a
+        deployment that meant a different algorithm."""
+        algorithm = self.jwt_algorithm
+        if algorithm == "HS256":
+            if self.jwt_public_key is not None:
+                raise ConfigError("COUPON_JWT_PUBLIC_KEY is for RS256/ES256; HS256 uses a secret")
+            if self.jwt_secret is None:
+                raise ConfigError("COUPON_AUTH=jwt with HS256 needs COUPON_JWT_SECRET")
+            if len(self.jwt_secret.encode()) < JWT_MIN_SECRET_BYTES:
+                raise ConfigError(
+                    f"COUPON_JWT_SECRET must be at least {JWT_MIN_SECRET_BYTES} bytes"
+                )
+            return
+        if self.jwt_secret is not None:
+            raise ConfigError(f"COUPON_JWT_SECRET is for HS256; {algorithm} uses a public key")
+        if self.jwt_public_key is None:
+            raise ConfigError(f"COUPON_AUTH=jwt with {algorithm} needs COUPON_JWT_PUBLIC_KEY")
+        load_jwt_public_key(self.jwt_public_key, algorithm)
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[IpNetwork, ...]:
+        return parse_networks(self.trusted_proxies)
 
     @property
     def mysql(self) -> MySQLDsn:
@@ -184,6 +336,7 @@ class Settings:
 # Every variable the processes read, with the field it sets and how it is parsed.
 ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "COUPON_REDIS_URL": ("redis_url", str),
+    "COUPON_REDIS_CLUSTER": ("redis_cluster", flag),
     "COUPON_MYSQL_URL": ("mysql_url", str),
     "COUPON_HTTP_HOST": ("http_host", str),
     "COUPON_HTTP_PORT": ("http_port", int),
@@ -196,6 +349,9 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "COUPON_SNAPSHOT_TTL_SECONDS": ("snapshot_ttl_seconds", float),
     "COUPON_COALESCE_MAX_BATCH": ("coalesce_max_batch", int),
     "COUPON_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "COUPON_MAX_IN_FLIGHT": ("max_in_flight", int),
+    "COUPON_SHED_MAX_LAG": ("shed_max_lag", int),
+    "COUPON_SHED_MAX_AGE_SECONDS": ("shed_max_age_seconds", float),
     "COUPON_WORKER_NAME": ("worker_name", str),
     "COUPON_BATCH_SIZE": ("batch_size", int),
     "COUPON_BLOCK_MS": ("block_ms", int),
@@ -205,4 +361,19 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "COUPON_MYSQL_RETRY_MAX_SECONDS": ("mysql_retry_max_seconds", float),
     "COUPON_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float),
     "COUPON_WORKER_METRICS_PORT": ("worker_metrics_port", int),
+    "COUPON_AUTH": ("auth", str),
+    "COUPON_JWT_ALGORITHM": ("jwt_algorithm", str),
+    "COUPON_JWT_SECRET": ("jwt_secret", str),
+    "COUPON_JWT_PUBLIC_KEY": ("jwt_public_key", str),
+    "COUPON_JWT_AUDIENCE": ("jwt_audience", str),
+    "COUPON_JWT_ISSUER": ("jwt_issuer", str),
+    "COUPON_JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", float),
+    "COUPON_ADMIN_HOST": ("admin_host", str),
+    "COUPON_ADMIN_PORT": ("admin_port", int),
+    "COUPON_RATE_LIMIT_IP_PER_SECOND": ("rate_limit_ip_per_second", float),
+    "COUPON_RATE_LIMIT_IP_BURST": ("rate_limit_ip_burst", int),
+    "COUPON_RATE_LIMIT_USER_PER_SECOND": ("rate_limit_user_per_second", float),
+    "COUPON_RATE_LIMIT_USER_BURST": ("rate_limit_user_burst", int),
+    "COUPON_RATE_LIMIT_MAX_KEYS": ("rate_limit_max_keys", int),
+    "COUPON_TRUSTED_PROXIES": ("trusted_proxies", str),
 }

@@ -1,6 +1,7 @@
 """``python -m stream_worker`` / ``coupon-worker``: run one worker process.
 
-SIGTERM or SIGINT finishes the batch in hand, then exits 0.
+SIGTERM or SIGINT finishes the batch in hand, then exits 0. Beside the worker loop runs the
+stream monitor (per-coupon lag, pending and oldest-pending age gauges), except in burst mode.
 """
 
 from __future__ import annotations
@@ -13,26 +14,45 @@ import structlog
 import uvloop
 from prometheus_client import start_http_server
 
-from shared import db, redis_client
+from shared import db, metrics, redis_client, redis_state
 from shared import logging as shared_logging
 from shared.settings import ConfigError, Settings
+from stream_worker.monitor import StreamMonitor
 from stream_worker.worker import Worker
+
+# How often the stream gauges are refreshed: a little faster than a typical scrape interval.
+MONITOR_INTERVAL_SECONDS = 5.0
 
 
 async def serve(settings: Settings, *, burst: bool = False) -> None:
     log = structlog.get_logger("stream_worker")
     redis = redis_client.connect(
-        settings.redis_url, socket_timeout=settings.redis_socket_timeout_worker, max_connections=8
+        settings.redis_url,
+        socket_timeout=settings.redis_socket_timeout_worker,
+        max_connections=8,
+        cluster=settings.redis_cluster,
     )
     await redis.ping()
+    for warning in await redis_state.check_guarantees(redis):
+        log.warning("redis_durability_weak", detail=warning)
     pool = await db.create_pool(settings.mysql, minsize=1, maxsize=2)
     worker = Worker(redis, pool, settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
+    stop_monitor = asyncio.Event()
+    monitor = None
+    if not burst:
+        monitor = asyncio.create_task(
+            StreamMonitor(redis, interval=MONITOR_INTERVAL_SECONDS).run(stop_monitor),
+            name="stream-monitor",
+        )
     try:
         await worker.run(burst=burst)
     finally:
+        stop_monitor.set()
+        if monitor is not None:
+            await monitor
         pool.close()
         await pool.wait_closed()
         await redis.aclose()
@@ -46,9 +66,14 @@ def main() -> None:
         print(f"coupon-worker: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     shared_logging.configure(settings.log_format, settings.log_level)
+    metrics.init_worker_series()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.http_host)
-    uvloop.run(serve(settings, burst="--burst" in sys.argv[1:]))
+    try:
+        uvloop.run(serve(settings, burst="--burst" in sys.argv[1:]))
+    except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys
+        print(f"coupon-worker: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
