@@ -1,0 +1,662 @@
+"""The fault harness: real processes on free ports, each with its own directory, and the
+signals that break them.
+
+- :class:`RedisServer`: ``redis-server`` with AOF (``appendfsync`` always or everysec) and
+  ``noeviction``, restartable on the same data directory (or empty, for state loss);
+- :class:`MariaDBServer`: a private ``mariadbd`` (``mariadb-install-db`` into a temp dir) for
+  the tests that stop or kill MySQL;
+- :class:`ServiceProcess`: ``python -m gateway`` / ``python -m stream_worker`` (or the crash
+  driver) configured only through ``Settings.to_env()``;
+- :class:`Stack`: one system under test (servers, gateways, workers, clients for checking).
+
+Every process runs under a mirakuru executor in its own process group, so a signal reaches the
+whole group and the harness can always stop what it started. Blocking executor calls run in a
+thread, so a load running on the event loop keeps going while a process restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+import aiomysql
+import orjson
+import port_for
+import psutil
+import pymysql
+from mirakuru import HTTPExecutor, SimpleExecutor, TCPExecutor
+from mirakuru.exceptions import ExecutorError
+from redis.exceptions import RedisError
+
+from shared import coupons, db, keys, redis_client
+from shared.settings import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+ADMIN_TOKEN = "fault-admin-token-0123456789"
+MYSQL_USER, MYSQL_PASSWORD = "coupon", "coupon-test-password"
+START_TIMEOUT = 30.0
+# Debian's faketime package; the multiarch directory depends on the machine.
+FAKETIME_LIBRARY = next(
+    iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))),
+    Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+)
+
+
+def free_port() -> int:
+    return int(port_for.select_random())
+
+
+def binary(*names: str) -> str:
+    for name in names:
+        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+        if found:
+            return found
+    raise RuntimeError(f"none of {names} is installed; run ./scripts/test to install them")
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]],
+    *,
+    within: float,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> float:
+    """Poll ``condition`` until true; returns the monotonic time it became true.
+
+    Unlike tests.helpers.wait_for, a condition that raises a connection error counts as "not
+    yet": during a fault the stores it reads may be down.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if await condition():
+                return time.monotonic()
+        except (RedisError, OSError, pymysql.err.MySQLError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {within} s")
+        await asyncio.sleep(interval)
+
+
+def faketime_env(offset_seconds: int | None) -> dict[str, str]:
+    """Environment that runs a process under libfaketime, its wall clock off by the offset;
+    the monotonic clock stays true, so timeouts and intervals keep their meaning."""
+    if offset_seconds is None:
+        return {}
+    assert FAKETIME_LIBRARY.exists(), "libfaketime is missing: apt-get install -y faketime"
+    return {
+        "LD_PRELOAD": str(FAKETIME_LIBRARY),
+        "FAKETIME": f"{offset_seconds:+d}",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+
+
+class ServiceProcess:
+    """One child process under a mirakuru executor: start, signals, restart, log."""
+
+    def __init__(
+        self, name: str, executor: SimpleExecutor, log_path: Path, log: IO[str] | None = None
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._executor = executor
+        self._log = log
+        self.paused = False
+
+    @property
+    def pid(self) -> int:
+        process = self._executor.process
+        assert process is not None, f"{self.name} is not running"
+        return int(process.pid)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._executor.running())
+
+    @property
+    def returncode(self) -> int | None:
+        process = self._executor.process
+        return None if process is None else process.poll()
+
+    async def start(self) -> None:
+        """Start and wait for readiness (the executor's check) off the event loop."""
+        await asyncio.to_thread(self._executor.start)
+
+    def send(self, signum: int) -> None:
+        os.killpg(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the process group and reap it; restartable afterwards."""
+        if self.paused:
+            self.resume()
+        self._executor.kill(sig=signal.SIGKILL)
+
+    def pause(self) -> None:
+        self.send(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.send(signal.SIGCONT)
+        self.paused = False
+
+    def is_stopped(self) -> bool:
+        """The process is stopped by a signal (SIGSTOP), as the kernel reports it."""
+        try:
+            return bool(psutil.Process(self.pid).status() == psutil.STATUS_STOPPED)
+        except psutil.NoSuchProcess:
+            return False
+
+    async def terminate(self) -> None:
+        """SIGTERM and wait (the executor escalates to SIGKILL after its timeout)."""
+        if self._executor.process is None:
+            return
+        # A frozen process (frozen by us, or by itself) would not act on SIGTERM.
+        with contextlib.suppress(ProcessLookupError):
+            self.resume()
+        try:
+            await asyncio.to_thread(self._executor.stop)
+        except ExecutorError:
+            # An unexpected exit status at shutdown is not what these tests check.
+            self._executor.kill(sig=signal.SIGKILL)
+
+    async def wait_exit(self, *, within: float) -> int:
+        """Wait for the process to end by itself; returns its exit status."""
+        process = self._executor.process
+        assert process is not None, f"{self.name} is not running"
+        try:
+            code = await asyncio.to_thread(process.wait, within)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} still runs after {within} s") from None
+        self._executor.kill(sig=signal.SIGKILL)  # reaps and clears: restartable
+        return int(code)
+
+    async def close(self) -> None:
+        """Stop for good and close the log."""
+        try:
+            await self.terminate()
+        finally:
+            if self._log is not None:
+                self._log.close()
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        """The process's JSON log lines whose event is ``event``."""
+        found = []
+        with contextlib.suppress(OSError), self.log_path.open(errors="replace") as log:
+            for line in log:
+                if event in line and line.startswith("{"):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        record = orjson.loads(line)
+                        if record.get("event") == event:
+                            found.append(record)
+        return found
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _log_file(path: Path) -> IO[str]:
+    return path.open("a", buffering=1)
+
+
+class RedisServer(ServiceProcess):
+    """A private redis-server with AOF on, restartable on the same data directory."""
+
+    def __init__(self, workdir: Path, *, appendfsync: str = "always") -> None:
+        self.port = free_port()
+        self.data_dir = workdir / "redis"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.appendfsync = appendfsync
+        log_path = workdir / "redis.log"
+        log = _log_file(log_path)
+        command = [
+            binary("redis-server"),
+            "--port", str(self.port),
+            "--bind", HOST,
+            "--dir", str(self.data_dir),
+            "--appendonly", "yes",
+            "--appendfsync", appendfsync,
+            "--maxmemory-policy", "noeviction",
+            "--save", "",
+            "--daemonize", "no",
+            "--protected-mode", "no",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        executor = TCPExecutor(
+            command,
+            host=HOST,
+            port=self.port,
+            timeout=START_TIMEOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        super().__init__(f"redis:{self.port}", executor, log_path, log)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    async def start(self) -> None:
+        await super().start()
+        # Redis listens before it has replayed the AOF; it answers LOADING until then.
+        client = redis_client.connect(self.url, socket_timeout=5.0)
+        try:
+            await wait_until(client.ping, within=START_TIMEOUT, what="redis loaded")
+        finally:
+            await client.aclose()
+
+    async def restart(self, *, empty: bool = False) -> None:
+        """Kill (if running) and start again, on the same data or, with ``empty``, on none."""
+        if self.running:
+            self.kill()
+        if empty:
+            shutil.rmtree(self.data_dir)
+            self.data_dir.mkdir()
+        await self.start()
+
+
+class MariaDBServer(ServiceProcess):
+    """A private mariadbd in a temp dir, with the service account the tests use."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = workdir / "mysql"
+        self.socket = workdir / "mysqld.sock"
+        self._installed = False
+        log_path = workdir / "mysql.log"
+        log = _log_file(log_path)
+        self._user = pwd.getpwuid(os.getuid()).pw_name
+        command = [
+            binary("mariadbd", "mysqld"),
+            "--no-defaults",
+            f"--datadir={self.data_dir}",
+            f"--socket={self.socket}",
+            f"--port={self.port}",
+            f"--bind-address={HOST}",
+            f"--user={self._user}",
+            f"--pid-file={workdir / 'mysqld.pid'}",
+            "--skip-name-resolve",
+            "--skip-log-bin",
+            "--performance-schema=OFF",
+            "--innodb-buffer-pool-size=32M",
+            "--innodb-log-file-size=16M",
+            # The durability the service is documented with: every COMMIT is on disk.
+            "--innodb-flush-log-at-trx-commit=1",
+        ]
+        executor = TCPExecutor(
+            command,
+            host=HOST,
+            port=self.port,
+            timeout=START_TIMEOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        super().__init__(f"mariadb:{self.port}", executor, log_path, log)
+
+    def url(self, database: str) -> str:
+        return f"mysql://{MYSQL_USER}:{MYSQL_PASSWORD}@{HOST}:{self.port}/{database}"
+
+    async def start(self) -> None:
+        if not self._installed:
+            await self._install()
+        await super().start()
+        if not self._installed:
+            await asyncio.to_thread(self._create_service_user)
+            self._installed = True
+
+    async def _install(self) -> None:
+        with self.log_path.open("a") as log:
+            process = await asyncio.create_subprocess_exec(
+                binary("mariadb-install-db", "mysql_install_db"),
+                "--no-defaults",
+                f"--datadir={self.data_dir}",
+                f"--user={self._user}",
+                "--auth-root-authentication-method=socket",
+                "--skip-test-db",
+                "--innodb-log-file-size=16M",
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            code = await asyncio.wait_for(process.wait(), START_TIMEOUT)
+        assert code == 0, f"mariadb-install-db failed:\n{self.log_tail()}"
+
+    def _create_service_user(self) -> None:
+        # MariaDB's root authenticates by socket credentials; the services use TCP and a password.
+        conn = pymysql.connect(unix_socket=str(self.socket), user="root")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    f"CREATE USER IF NOT EXISTS '{MYSQL_USER}'@'{HOST}'"
+                    f" IDENTIFIED BY '{MYSQL_PASSWORD}'"
+                )
+                cur.execute(f"GRANT ALL PRIVILEGES ON `coupon\\_%`.* TO '{MYSQL_USER}'@'{HOST}'")
+        finally:
+            conn.close()
+
+
+def fault_settings(redis_url: str, mysql_url: str, **changes: Any) -> Settings:
+    """Settings for a system under fault: short reclaim and back-off times so that recovery
+    is quick, but long enough that a busy worker is not mistaken for a dead one."""
+    base = Settings(
+        redis_url=redis_url,
+        mysql_url=mysql_url,
+        admin_token=ADMIN_TOKEN,
+        log_format="json",
+        log_level="info",
+        worker_name="fault-worker",
+        redis_timeout_seconds=0.5,
+        snapshot_ttl_seconds=2.0,
+        reclaim_idle_ms=1000,
+        max_deliveries=3,
+        block_ms=200,
+        batch_size=200,
+        discovery_interval_seconds=0.2,
+        mysql_retry_max_seconds=0.5,
+        shutdown_grace_seconds=2.0,
+    )
+    return base.replace(**changes) if changes else base
+
+
+class Stack:
+    """One system under test: Redis, MySQL (a private server or a database of the session's),
+    the gateway and worker processes started on it, and clients for checking."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        settings: Settings,
+        redis_server: RedisServer,
+        mysql_server: MariaDBServer | None,
+    ) -> None:
+        self.workdir = workdir
+        self.settings = settings
+        self.redis_server = redis_server
+        self.mysql_server = mysql_server
+        self.redis = redis_client.connect(settings.redis_url, socket_timeout=5.0)
+        self.services: list[ServiceProcess] = []
+        self._names: set[str] = set()
+        self.on_session_server = mysql_server is None
+        """The database lives on the session's server and is dropped at close."""
+
+    # --- processes -------------------------------------------------------------------------
+
+    def _env(self, settings: Settings, extra: dict[str, str] | None) -> dict[str, str]:
+        env = settings.to_env()
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra or {})
+        return env
+
+    def _unique(self, name: str) -> str:
+        # A restarted process keeps its object; a second process of one name is a test bug.
+        assert name not in self._names, f"two processes named {name}"
+        self._names.add(name)
+        return name
+
+    async def start_gateway(
+        self,
+        name: str = "gateway",
+        *,
+        clock_offset_seconds: int | None = None,
+        **changes: Any,
+    ) -> Gateway:
+        """A gateway process on a free port, ready (``/readyz`` 200) when this returns.
+
+        ``clock_offset_seconds`` runs it under libfaketime: its wall clock is off by that much
+        (the monotonic clock is left alone, so timeouts still mean what they say).
+        """
+        port = free_port()
+        settings = self.settings.replace(http_port=port, log_level="warning", **changes)
+        extra = faketime_env(clock_offset_seconds)
+        log_path = self.workdir / f"{self._unique(name)}.log"
+        log = _log_file(log_path)
+        executor = HTTPExecutor(
+            [sys.executable, "-m", "gateway"],
+            url=f"http://{HOST}:{port}/readyz",
+            status=200,
+            method="GET",
+            request_timeout=2.0,
+            cwd=str(REPO),
+            envvars=self._env(settings, extra),
+            timeout=START_TIMEOUT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        gateway = Gateway(name, executor, log_path, log, url=f"http://{HOST}:{port}")
+        self.services.append(gateway)
+        await gateway.start()
+        return gateway
+
+    async def start_worker(
+        self,
+        slot: int,
+        *,
+        crash_at: str | None = None,
+        clock_offset_seconds: int | None = None,
+        **changes: Any,
+    ) -> WorkerProcess:
+        """Worker ``slot`` with the stable consumer name ``fault-worker-<slot>``.
+
+        With ``crash_at`` it is the crash driver (tests/fault/crashing_worker.py), started
+        without waiting for readiness since it may die at once; otherwise it is
+        ``python -m stream_worker``, ready when its metrics port answers.
+        """
+        metrics_port = free_port()
+        settings = self.settings.replace(
+            worker_name=f"fault-worker-{slot}", worker_metrics_port=metrics_port, **changes
+        )
+        extra = faketime_env(clock_offset_seconds)
+        if crash_at is not None:
+            extra["FAULT_CRASH_AT"] = crash_at
+        module = "tests.fault.crashing_worker" if crash_at else "stream_worker"
+        name = self._unique(f"worker-{slot}-{crash_at}" if crash_at else f"worker-{slot}")
+        log_path = self.workdir / f"{name}.log"
+        log = _log_file(log_path)
+        common: dict[str, Any] = {
+            "cwd": str(REPO),
+            "envvars": self._env(settings, extra),
+            "timeout": START_TIMEOUT,
+            "stdout": log,
+            "stderr": subprocess.STDOUT,
+        }
+        command = [sys.executable, "-m", module]
+        executor: SimpleExecutor
+        if crash_at is None:
+            executor = HTTPExecutor(
+                command,
+                url=f"http://{HOST}:{metrics_port}/metrics",
+                status=200,
+                method="GET",
+                request_timeout=2.0,
+                **common,
+            )
+        else:
+            executor = SimpleExecutor(command, **common)
+        worker = WorkerProcess(name, executor, log_path, log, consumer=settings.worker_name)
+        self.services.append(worker)
+        await worker.start()
+        return worker
+
+    async def close(self) -> list[str]:
+        """Stop every process this stack started, then its servers; returns the problems."""
+        problems = []
+        for service in [*reversed(self.services), self.redis_server, self.mysql_server]:
+            if service is None:
+                continue
+            try:
+                await service.close()
+            except Exception as exc:  # keep stopping the others
+                problems.append(f"{service.name}: {exc!r}")
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+        if self.on_session_server:
+            try:
+                await self._drop_database()
+            except Exception as exc:
+                problems.append(f"drop database: {exc!r}")
+        return problems
+
+    async def _drop_database(self) -> None:
+        dsn = self.settings.mysql
+        conn = await aiomysql.connect(
+            host=dsn.host, port=dsn.port, user=dsn.user, password=dsn.password, autocommit=True
+        )
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"DROP DATABASE IF EXISTS `{dsn.database}`")
+        finally:
+            conn.close()
+
+    def count_log_events(self, event: str) -> int:
+        """How many log lines of this stack's processes name ``event`` (JSON logs)."""
+        return sum(len(service.events(event)) for service in self.services)
+
+    def log_tails(self, lines: int = 25) -> str:
+        parts = []
+        for service in [self.redis_server, self.mysql_server, *self.services]:
+            if service is not None:
+                parts.append(f"--- {service.name} ({service.log_path})\n{service.log_tail(lines)}")
+        return "\n".join(parts)
+
+    # --- the stores --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def mysql(self) -> AsyncIterator[aiomysql.Pool]:
+        """A fresh pool: connections of an earlier pool may have died with a killed server."""
+        pool = await db.create_pool(self.settings.mysql, maxsize=2)
+        try:
+            yield pool
+        finally:
+            pool.close()
+            await pool.wait_closed()
+
+    async def sql(self, query: str, args: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        async with self.mysql() as pool, pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(query, tuple(args))
+            rows = list(await cur.fetchall())
+            await conn.commit()
+        return rows
+
+    async def create_coupon(
+        self,
+        total: int | None,
+        *,
+        start: datetime,
+        end: datetime,
+        title: str = "fault drop",
+    ) -> coupons.Coupon:
+        """The same code path as ``POST /admin/coupons``: MySQL row, then Redis state."""
+        new = coupons.NewCoupon(
+            title=title,
+            total_quantity=total,
+            discount_amount=1000,
+            min_available_amount=10000,
+            date_issue_start=start,
+            date_issue_end=end,
+        )
+        async with self.mysql() as pool:
+            return await coupons.create_coupon(pool, self.redis, new)
+
+    async def redis_now_ms(self) -> int:
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def backlog(self, coupon_id: int) -> int:
+        """Entries of the coupon's stream not yet acknowledged: pending plus not yet read."""
+        k = keys.CouponKeys(coupon_id)
+        groups = await self.redis.xinfo_groups(k.requests)
+        group = next(g for g in groups if g["name"] == keys.GROUP)
+        lag = group.get("lag")
+        if lag is None:
+            # Redis cannot tell the lag (entries were deleted): compare the ids instead.
+            stream = await self.redis.xinfo_stream(k.requests)
+            lag = 0 if group["last-delivered-id"] == stream["last-generated-id"] else 1
+        return int(group["pending"]) + int(lag)
+
+    async def pending_of(self, coupon_ids: Iterable[int], consumer: str) -> int:
+        """Entries delivered to ``consumer`` and not yet acknowledged."""
+        total = 0
+        for coupon_id in coupon_ids:
+            rows = await self.redis.xpending_range(
+                keys.CouponKeys(coupon_id).requests, keys.GROUP, min="-", max="+",
+                count=100_000, consumername=consumer,
+            )  # fmt: skip
+            total += len(rows)
+        return total
+
+    async def wait_drained(self, coupon_ids: Iterable[int], *, within: float = 60.0) -> float:
+        """Wait until every listed stream is fully acknowledged; returns when (monotonic)."""
+        ids = list(coupon_ids)
+
+        async def drained() -> bool:
+            for coupon_id in ids:
+                if await self.backlog(coupon_id):
+                    return False
+            return True
+
+        return await wait_until(drained, within=within, interval=0.05, what="drained")
+
+
+class Gateway(ServiceProcess):
+    """A gateway process and the base URL it serves on."""
+
+    def __init__(
+        self, name: str, executor: SimpleExecutor, log_path: Path, log: IO[str], *, url: str
+    ) -> None:
+        super().__init__(name, executor, log_path, log)
+        self.url = url
+
+
+class WorkerProcess(ServiceProcess):
+    """A worker process and its consumer name in the ``issuers`` group."""
+
+    def __init__(
+        self, name: str, executor: SimpleExecutor, log_path: Path, log: IO[str], *, consumer: str
+    ) -> None:
+        super().__init__(name, executor, log_path, log)
+        self.consumer = consumer
+
+
+async def make_stack(
+    workdir: Path,
+    *,
+    session_mysql_url: str | None,
+    appendfsync: str = "always",
+    **changes: Any,
+) -> Stack:
+    """Start Redis (and, without ``session_mysql_url``, a private MariaDB); migrate a fresh
+    database. The caller owns the stack and must ``close()`` it."""
+    redis_server = RedisServer(workdir, appendfsync=appendfsync)
+    mysql_server = None if session_mysql_url else MariaDBServer(workdir)
+    database = f"coupon_fault_{uuid.uuid4().hex[:10]}"
+    if mysql_server is None:
+        assert session_mysql_url is not None
+        mysql_url = f"{session_mysql_url}/{database}"
+    else:
+        mysql_url = mysql_server.url(database)
+    stack = Stack(workdir, fault_settings(redis_server.url, mysql_url, **changes), redis_server,
+                  mysql_server)  # fmt: skip
+    try:
+        await redis_server.start()
+        if mysql_server is not None:
+            await mysql_server.start()
+        await db.migrate(stack.settings.mysql)
+    except BaseException:
+        await stack.close()
+        raise
+    return stack
