@@ -15,8 +15,18 @@ from shared.settings import MySQLDsn
 
 log = structlog.get_logger(__name__)
 
-# Every timestamp in MySQL is UTC, whatever the server's own zone is.
-_INIT_COMMAND = "SET time_zone = '+00:00'"
+# A transaction left open by a process that stopped mid-way (SIGSTOP, a paused VM, a hung host)
+# keeps its coupon row locked, and every other worker waits on that lock. MariaDB ends such a
+# session after this many idle seconds, releasing the lock; the late process finds its
+# connection gone and retries idempotently. Our transactions never sit idle anywhere near this.
+IDLE_TRANSACTION_TIMEOUT_SECONDS = 10
+
+# Every timestamp in MySQL is UTC, whatever the server's own zone is. The /*M! ... */ part is
+# run by MariaDB only (MySQL has no idle_transaction_timeout and skips it).
+_INIT_COMMAND = (
+    "SET time_zone = '+00:00'"
+    f" /*M!100300 , idle_transaction_timeout = {IDLE_TRANSACTION_TIMEOUT_SECONDS} */"
+)
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
