@@ -9,6 +9,7 @@ import structlog
 import uvloop
 from aiohttp import web
 
+from gateway import processes
 from gateway.app import create_app
 from shared import logging as shared_logging
 from shared import metrics
@@ -23,17 +24,15 @@ def main() -> None:
         raise SystemExit(2) from None
     shared_logging.configure(settings.log_format, settings.log_level)
     log = structlog.get_logger("gateway")
+    one_of_many = processes.CHILD_FLAG in sys.argv[1:]
+    if settings.gateway_processes > 1 and not one_of_many:
+        raise SystemExit(processes.Supervisor(settings).run())
     if settings.admin_token is None:
         log.warning("admin_api_disabled", reason="COUPON_ADMIN_TOKEN is not set")
     if settings.auth == "none":
         log.warning(
             "identity_not_verified",
             reason="COUPON_AUTH=none: the user id in the request body is trusted as is",
-        )
-    if settings.gateway_processes > 1 and metrics.multiprocess_dir() is None:
-        log.warning(
-            "metrics_per_process",
-            reason=f"{metrics.MULTIPROC_ENV} is not set: each scrape shows one process only",
         )
     log.info(
         "gateway_starting",
@@ -51,7 +50,7 @@ def main() -> None:
             port=settings.http_port,
             access_log=None,
             print=None,
-            reuse_port=settings.gateway_processes > 1,
+            reuse_port=one_of_many,
             shutdown_timeout=settings.shutdown_grace_seconds,
             loop=uvloop.new_event_loop(),
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -22,6 +24,7 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     shared_processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        _add_pid,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -43,3 +46,10 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     )
     # Libraries that use the standard library (aiohttp, aiomysql) log through it at WARNING.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+
+
+def _add_pid(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """The process id, so the lines of several gateway processes sharing a log can be told
+    apart (read per call: a forked child must not inherit its parent's)."""
+    event["pid"] = os.getpid()
+    return event

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -67,3 +68,21 @@ async def couponctl(
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment for a child process configured by ``settings`` alone."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COUPON_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
+    env.update(settings.to_env())
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -33,7 +31,7 @@ from shared.scripts import IssueResult, Scripts
 from shared.settings import Settings
 from stream_worker.monitor import OTHER, StreamMonitor
 from tests.conftest import CouponFactory
-from tests.helpers import REPO, drain, issue, wait_for
+from tests.helpers import REPO, child_env, drain, free_port, issue, wait_for
 from tests.invariants import Checker
 
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
@@ -42,23 +40,6 @@ ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 # PromQL words that look like metric names but are not.
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
                 "or", "unless", "offset", "inf", "nan"}  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("COUPON_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
-    env.update(settings.to_env())
-    env.update(extra)
-    return env
 
 
 @contextmanager
@@ -133,32 +114,30 @@ async def test_two_gateway_processes_scrape_as_the_totals_clients_saw(
     tmp_path: Path,
 ) -> None:
     coupon = await make_coupon(total=40)
-    port = _free_port()
+    port = free_port()
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     gateway_settings = settings.replace(
         http_port=port, gateway_processes=2, log_format="auto", log_level="info"
     )
-    env = _child_env(gateway_settings, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    logs = [tmp_path / "gateway-0.log", tmp_path / "gateway-1.log"]
+    env = child_env(gateway_settings, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    log = tmp_path / "gateway.log"  # the supervisor and both processes write here
     base = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "gateway"]
     seen: Counter[str] = Counter()
     accepted: set[int] = set()
     refused: set[int] = set()
     request_ids: list[str] = []
-    with _children([argv, argv], env, logs):
+    with _children([argv], env, [log]):
         # A new connection per request, so the kernel spreads them over both processes.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
             # Both processes must be listening before the counted requests: until each has
-            # answered a /readyz (seen in its own log), the kernel may hand one of them all.
+            # answered a /readyz (its pid seen in the log), the kernel may hand one of them all.
             async def both_serve() -> bool:
                 await _get_ok(session, f"{base}/readyz")
-                return all(
-                    any(r.get("event") == "http_request" for r in _json_lines(log))
-                    for log in logs
-                )
+                served = {r["pid"] for r in _json_lines(log) if r.get("event") == "http_request"}
+                return len(served) == 2
 
             await wait_for(both_serve, within=30, interval=0.05)
 
@@ -211,18 +190,15 @@ async def test_two_gateway_processes_scrape_as_the_totals_clients_saw(
 
     # One JSON line per request (the aiohttp access log is off), with the caller's request id,
     # and both processes served some of them.
-    served_by = []
-    for log in logs:
-        records = _json_lines(log)
-        served_by.append(
-            [r["request_id"] for r in records if r.get("event") == "http_request"
-             and str(r.get("request_id", "")).startswith("obs-")]
-        )  # fmt: skip
-        for record in records:
-            if record.get("event") == "http_request":
-                assert {"route", "status", "duration_ms", "method", "timestamp"} <= set(record)
-    assert all(served_by), "reuse_port sent every request to one process"
-    assert sorted(served_by[0] + served_by[1]) == sorted(request_ids)
+    served_by: dict[int, list[str]] = {}
+    for record in _json_lines(log):
+        if record.get("event") != "http_request":
+            continue
+        assert {"route", "status", "duration_ms", "method", "timestamp"} <= set(record)
+        if str(record.get("request_id", "")).startswith("obs-"):
+            served_by.setdefault(record["pid"], []).append(record["request_id"])
+    assert len(served_by) == 2, "reuse_port sent every request to one process"
+    assert sorted(rid for rids in served_by.values() for rid in rids) == sorted(request_ids)
 
     await drain(redis, pool, settings)
     await check_invariants(coupon, accepted=accepted, rejected=refused)
@@ -364,12 +340,12 @@ async def test_every_metric_a_dashboard_or_alert_names_is_exported(
     gateway = await client.get("/metrics")
     exported = {name for name, _ in _samples(await gateway.text())}
 
-    metrics_port = _free_port()
+    metrics_port = free_port()
     worker_settings = settings.replace(worker_metrics_port=metrics_port, worker_name="obs-worker")
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with _children(
         [[sys.executable, "-m", "stream_worker"]],
-        _child_env(worker_settings),
+        child_env(worker_settings),
         [tmp_path / "worker.log"],
     ):
         async with aiohttp.ClientSession() as session:
@@ -414,7 +390,7 @@ async def test_worker_logs_one_json_line_per_batch_not_per_entry(
     assert all(r.result is IssueResult.ACCEPTED for r in outcome.reservations)
 
     log = tmp_path / "worker.log"
-    env = _child_env(
+    env = child_env(
         settings.replace(log_format="auto", log_level="info", batch_size=100, worker_name="w-log")
     )
     with log.open("wb") as out:
