@@ -19,7 +19,7 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from shared import keys, metrics
+from shared import keys
 from shared.errors import Overloaded, PipelineBehind
 
 log = structlog.get_logger(__name__)
@@ -49,7 +49,6 @@ class PipelineHealth:
         """Raise :class:`PipelineBehind` when this coupon's stream is past a threshold."""
         reason = self._behind.get(coupon_id)
         if reason is not None:
-            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
             raise PipelineBehind(f"coupon {coupon_id}: {reason}; retry shortly")
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -116,7 +115,6 @@ class InFlightLimit:
 
     def __enter__(self) -> InFlightLimit:
         if self._limit and self.in_flight >= self._limit:
-            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
             raise Overloaded(f"more than {self._limit} requests in progress; retry shortly")
         self.in_flight += 1
         return self

@@ -21,10 +21,12 @@ import structlog
 from aiohttp import web
 
 from gateway import appkeys, auth
+from gateway.outcomes import counted
 from gateway.validation import id_field, json_object
-from shared import issue_store, keys, metrics
-from shared.errors import CouponNotFound, InvalidRequest, Rejection, SoldOut
+from shared import issue_store, keys
+from shared.errors import CouponNotFound, Rejection, SoldOut
 from shared.issue_store import Entry
+from shared.scripts import Reservation
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -43,24 +45,23 @@ def _refused(rejection: Rejection | type[Rejection]) -> web.Response:
     return _answer(orjson.dumps({"isSuccess": False, "comment": rejection.seed_message}))
 
 
-async def _seed_body(request: web.Request) -> tuple[int, int]:
-    """(coupon id, user id) from the seed's body; a missing or non-integer field is a 400."""
-    try:
+async def _decide(request: web.Request) -> tuple[int, int, Reservation]:
+    """Parse the seed's body, pass the gate (rate limits and identity), reserve; counted once.
+    A missing or non-integer field is a 400; a business "no" raises a :class:`Rejection`."""
+    with counted():
         body = await json_object(request)
-        # The same gate as the native route: rate limits and identity, before any reservation.
-        return id_field(body, "couponId"), auth.issuing_user(request, body, "userId")
-    except InvalidRequest:
-        metrics.ISSUE_REQUESTS.labels("invalid").inc()
-        raise
+        coupon_id = id_field(body, "couponId")
+        user_id = auth.issuing_user(request, body, "userId")
+        reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
+    return coupon_id, user_id, reservation
 
 
 @routes.post("/v1/issue-async")
 @routes.post("/v2/issue-async")
 async def issue_async(request: web.Request) -> web.Response:
     """The native async path in the seed's shapes."""
-    coupon_id, user_id = await _seed_body(request)
     try:
-        await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
+        await _decide(request)
     except Rejection as rejection:
         return _refused(rejection)
     return _answer(_SUCCESS)
@@ -69,9 +70,8 @@ async def issue_async(request: web.Request) -> web.Response:
 @routes.post("/v1/issue")
 async def issue_sync(request: web.Request) -> web.Response:
     """Reserve, then commit the row before answering (the seed's FOR UPDATE path)."""
-    coupon_id, user_id = await _seed_body(request)
     try:
-        reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
+        coupon_id, user_id, reservation = await _decide(request)
     except Rejection as rejection:
         return _refused(rejection)
     entry = Entry(coupon_id, reservation.request_id, user_id, reservation.accepted_ms)

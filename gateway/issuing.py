@@ -9,7 +9,6 @@ from redis.exceptions import RedisError
 from gateway.backpressure import InFlightLimit, PipelineHealth
 from gateway.coalescer import Coalescer, StateMissing
 from gateway.snapshots import SnapshotCache
-from shared import metrics
 from shared.coupons import Coupon
 from shared.errors import (
     AppError,
@@ -27,12 +26,12 @@ from shared.scripts import BatchOutcome, IssueResult, Reservation
 # left to the Lua script, which reads Redis TIME, so the window is always Redis's.
 WINDOW_MARGIN_MS = 1000
 
-_REJECTIONS: dict[IssueResult, tuple[str, type[AppError]]] = {
-    IssueResult.DUPLICATE: ("duplicate", DuplicatedIssue),
-    IssueResult.SOLD_OUT: ("sold_out", SoldOut),
-    IssueResult.NOT_STARTED: ("outside_window", OutsideWindow),
-    IssueResult.ENDED: ("outside_window", OutsideWindow),
-    IssueResult.PAUSED: ("paused", CouponPaused),
+_REJECTIONS: dict[IssueResult, type[AppError]] = {
+    IssueResult.DUPLICATE: DuplicatedIssue,
+    IssueResult.SOLD_OUT: SoldOut,
+    IssueResult.NOT_STARTED: OutsideWindow,
+    IssueResult.ENDED: OutsideWindow,
+    IssueResult.PAUSED: CouponPaused,
 }
 
 
@@ -66,13 +65,8 @@ class Issuer:
         try:
             coupon = await self._snapshots.get(coupon_id)
         except (RedisError, OSError, TimeoutError):
-            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
             raise Unavailable("Redis is unreachable") from None
-        except Unavailable:
-            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
-            raise
         if coupon is None:
-            metrics.ISSUE_REQUESTS.labels("not_found").inc()
             raise CouponNotFound(f"coupon {coupon_id} does not exist")
         self._precheck(coupon)
         if self._health is not None:
@@ -81,22 +75,16 @@ class Issuer:
             reservation = await self._coalescer.reserve(coupon_id, user_id)
         except StateMissing:
             self._snapshots.invalidate(coupon_id)
-            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
             raise Unavailable(f"coupon {coupon_id} has no state in Redis") from None
         except (RedisError, OSError, TimeoutError):
-            metrics.ISSUE_REQUESTS.labels("unavailable").inc()
             raise Unavailable("Redis did not answer in time; the outcome is unknown") from None
         if reservation.result is IssueResult.ACCEPTED:
-            metrics.ISSUE_REQUESTS.labels("accepted").inc()
             return reservation
-        outcome, error = _REJECTIONS[reservation.result]
-        metrics.ISSUE_REQUESTS.labels(outcome).inc()
-        raise error(_detail(reservation.result, coupon_id, user_id))
+        raise _REJECTIONS[reservation.result](_detail(reservation.result, coupon_id, user_id))
 
     def _precheck(self, coupon: Coupon) -> None:
         """Answer without Redis when the snapshot already settles it."""
         if coupon.paused:
-            metrics.ISSUE_REQUESTS.labels("paused").inc()
             raise CouponPaused(f"issuing coupon {coupon.id} is paused")
         offset = self._coalescer.redis_clock_offset_ms
         if offset is not None:
@@ -105,10 +93,8 @@ class Issuer:
                 now_ms < coupon.start_ms - WINDOW_MARGIN_MS
                 or now_ms >= coupon.end_ms + WINDOW_MARGIN_MS
             ):
-                metrics.ISSUE_REQUESTS.labels("outside_window").inc()
                 raise OutsideWindow(f"coupon {coupon.id} is outside its issue window")
         if self._snapshots.is_sold_out(coupon.id):
-            metrics.ISSUE_REQUESTS.labels("sold_out").inc()
             raise SoldOut(f"coupon {coupon.id} is sold out")
 
     def _note_outcome(self, coupon_id: int, outcome: BatchOutcome) -> None:

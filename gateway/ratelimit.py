@@ -31,13 +31,10 @@ from collections.abc import Callable, Hashable
 
 from aiohttp import web
 
-from shared import metrics
 from shared.errors import RateLimited
 from shared.settings import IpNetwork, Settings
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-_rate_limited = metrics.ISSUE_REQUESTS.labels("rate_limited")
 
 
 class RateLimiter:
@@ -172,7 +169,6 @@ class Limits:
             return
         wait = self.by_address.hit(self.addresses.key(request))
         if wait:
-            _rate_limited.inc()
             raise RateLimited(
                 "too many issue requests from this client address", retry_after=math.ceil(wait)
             )
@@ -182,7 +178,6 @@ class Limits:
             return
         wait = self.by_user.hit(user_id)
         if wait:
-            _rate_limited.inc()
             raise RateLimited(
                 f"too many issue requests for user {user_id}", retry_after=math.ceil(wait)
             )

@@ -8,12 +8,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import appkeys, auth
+from gateway.outcomes import counted
 from gateway.problems import json_response
 from gateway.validation import json_object, parse_id
-from shared import keys, metrics
+from shared import keys
 from shared.errors import (
     CouponNotFound,
-    InvalidRequest,
     IssueNotFound,
     RedisStateLost,
     Unavailable,
@@ -25,14 +25,11 @@ routes = web.RouteTableDef()
 @routes.post("/v1/coupons/{coupon_id}/issues")
 async def issue(request: web.Request) -> web.Response:
     """Reserve the coupon for the user; 202 means the request is durably queued."""
-    try:
+    with counted():
         coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
         # Rate limits and identity (401/403/429) are settled here, before any reservation.
         user_id = auth.issuing_user(request, await json_object(request), "user_id")
-    except InvalidRequest:
-        metrics.ISSUE_REQUESTS.labels("invalid").inc()
-        raise
-    reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
+        reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
     return json_response(
         {
             "coupon_id": coupon_id,

@@ -16,6 +16,9 @@ class AppError(Exception):
     # The seed's ErrorCode.message, returned as ``comment`` by the seed-compatible routes.
     seed_message: ClassVar[str] = "쿠폰 발급 요청에 실패했습니다"
     retry_after: ClassVar[int | None] = None
+    # The ``coupon_issue_requests_total{outcome}`` an issue request that ends in this error
+    # counts as (shared/metrics.py lists them all).
+    outcome: ClassVar[str] = "unavailable"
 
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or self.title)
@@ -31,6 +34,7 @@ class AppError(Exception):
 class InvalidRequest(AppError):
     status = 400
     code = "INVALID_REQUEST"
+    outcome = "invalid"
     title = "Malformed request"
 
 
@@ -40,6 +44,7 @@ class Unauthorized(AppError):
 
     status = 401
     code = "UNAUTHORIZED"
+    outcome = "unauthorized"
     title = "Missing or invalid credentials"
 
     def __init__(self, detail: str | None = None, *, challenge: str = "Bearer") -> None:
@@ -55,6 +60,7 @@ class Forbidden(AppError):
 
     status = 403
     code = "FORBIDDEN"
+    outcome = "forbidden"
     title = "Not allowed to act for this user"
 
 
@@ -63,6 +69,7 @@ class RateLimited(AppError):
 
     status = 429
     code = "RATE_LIMITED"
+    outcome = "rate_limited"
     title = "Too many requests"
 
     def __init__(self, detail: str, *, retry_after: int) -> None:
@@ -81,6 +88,7 @@ class Rejection(AppError):
 class CouponNotFound(Rejection):
     status = 404
     code = "COUPON_NOT_EXIST"
+    outcome = "not_found"
     title = "Coupon does not exist"
     seed_message = "존재하지 않는 쿠폰입니다."
 
@@ -94,6 +102,7 @@ class IssueNotFound(AppError):
 class DuplicatedIssue(Rejection):
     status = 409
     code = "DUPLICATED_COUPON_ISSUE"
+    outcome = "duplicate"
     title = "This user already holds this coupon"
     seed_message = "이미 발급된 쿠폰입니다."
 
@@ -101,6 +110,7 @@ class DuplicatedIssue(Rejection):
 class SoldOut(Rejection):
     status = 409
     code = "INVALID_COUPON_ISSUE_QUANTITY"
+    outcome = "sold_out"
     title = "The coupon is sold out"
     seed_message = "쿠폰 발급 수량이 유효하지 않습니다."
 
@@ -108,6 +118,7 @@ class SoldOut(Rejection):
 class OutsideWindow(Rejection):
     status = 409
     code = "INVALID_COUPON_ISSUE_DATE"
+    outcome = "outside_window"
     title = "The coupon cannot be issued at this time"
     seed_message = "쿠폰 발급 기간이 유효하지 않습니다."
 
@@ -115,6 +126,7 @@ class OutsideWindow(Rejection):
 class CouponPaused(Rejection):
     status = 409
     code = "COUPON_PAUSED"
+    outcome = "paused"
     title = "Issuing this coupon is paused"
     seed_message = "쿠폰 발급 기간이 유효하지 않습니다."
 

@@ -44,6 +44,8 @@ ISSUE_OUTCOMES = (
     "unavailable",
     "rate_limited",
     "paused",
+    "unauthorized",
+    "forbidden",
 )
 """Every value of ``coupon_issue_requests_total{outcome}``; each issue request counts once."""
 
