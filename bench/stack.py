@@ -309,8 +309,9 @@ class Stack:
         name: str = "gateway",
         **changes: object,
     ) -> Service:
-        """``processes`` copies of ``python -m <module>`` on one port (``reuse_port``), with
-        a fresh multiprocess metrics folder when there is more than one; waits for /readyz."""
+        """``processes`` gateway processes on one port, with a fresh multiprocess metrics
+        folder when there is more than one; waits for /readyz. ``python -m gateway`` runs the
+        processes itself (COUPON_GATEWAY_PROCESSES); another module is started that often."""
         port = free_port()
         settings = self.settings(http_port=port, gateway_processes=processes, **changes)
         extra = {}
@@ -319,9 +320,10 @@ class Stack:
             multiproc.mkdir()
             extra["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
         env = self.env(settings, **extra)
+        copies = 1 if module == "gateway" else processes
         procs = [
             self.spawn(f"{name}-{port}-{i}", [PYTHON, "-m", module], env=env)
-            for i in range(processes)
+            for i in range(copies)
         ]
         url = f"http://127.0.0.1:{port}"
         self.wait_until(name, lambda: http_ok(f"{url}/readyz"), procs, 60)

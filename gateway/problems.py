@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -11,6 +12,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from prometheus_client import Histogram
 
 from shared import metrics
 from shared.errors import AppError
@@ -90,7 +92,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     response.headers["X-Request-ID"] = request_id
     elapsed = time.perf_counter() - started
     route = _route_name(request)
-    metrics.HTTP_REQUEST_SECONDS.labels(route, f"{response.status // 100}xx").observe(elapsed)
+    _latency(route, response.status).observe(elapsed)
     log.info(
         "http_request",
         request_id=request_id,
@@ -100,6 +102,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         duration_ms=round(elapsed * 1000, 3),
     )
     return response
+
+
+@functools.cache
+def _latency(route: str, status: int) -> Histogram:
+    """The latency series of a route and status class (a bounded set: routes x classes);
+    looked up once, as ``labels()`` costs more than the observation itself."""
+    return metrics.HTTP_REQUEST_SECONDS.labels(route, f"{status // 100}xx")
 
 
 def _route_name(request: web.Request) -> str:

@@ -50,6 +50,9 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
 
 def _add_pid(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """The process id, so the lines of several gateway processes sharing a log can be told
-    apart (read per call: a forked child must not inherit its parent's)."""
-    event["pid"] = os.getpid()
+    apart. Read once per process (each gateway process is a fresh interpreter, never a fork)."""
+    event["pid"] = _PID
     return event
+
+
+_PID = os.getpid()
