@@ -44,8 +44,15 @@ async def mark_initialised(redis: Redis) -> None:
 
 async def state_present(redis: Redis, pool: aiomysql.Pool) -> bool:
     """True when Redis holds the state, or MySQL has no coupons yet (a fresh system, which it
-    then marks). False when MySQL has coupons but Redis lost the marker: state lost."""
+    then marks). False when MySQL has coupons but Redis lost the marker: state lost.
+
+    A Redis that has no marker but still knows active coupons holds data written before the
+    marker existed (an upgrade), not an empty restart: it is marked too.
+    """
     if await redis.exists(keys.STATE_MARKER):
+        return True
+    if await redis.scard(keys.ACTIVE_COUPONS):
+        await mark_initialised(redis)
         return True
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT EXISTS (SELECT 1 FROM coupons)")

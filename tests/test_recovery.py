@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.app import create_app
 from shared import keys
 from tests.helpers import ADMIN, REPO, couponctl, drain, issue, row_count
 
@@ -266,3 +267,16 @@ async def test_worker_warns_when_redis_has_no_append_only_file(settings, redis, 
         orjson.loads(line)["event"] for line in err.decode().splitlines() if line.startswith("{")
     ]
     assert "redis_durability_weak" in events
+
+
+async def test_redis_state_from_before_the_marker_existed_is_kept(
+    aiohttp_client, settings, redis, pool, make_coupon, check_invariants
+):
+    coupon = await make_coupon(total=5)
+    await redis.delete(keys.STATE_MARKER)  # as written by a version without the marker
+    client = await aiohttp_client(create_app(settings))
+    assert (await client.get("/readyz")).status == 200
+    assert await redis.exists(keys.STATE_MARKER)
+    assert (await issue(client, coupon.id, 1))[0] == 202
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted={1})
