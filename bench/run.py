@@ -566,7 +566,7 @@ def table(results: dict[str, Any]) -> str:
             "  same, log level warning (no request line)",
             f"{http['sold_out_quiet']['rps']:,.0f} req/s",
             f"{http['sold_out_quiet']['vs_bare']:.2f}",
-            "within noise of the row above",
+            "a second process that serves only this",
         ),
         (
             "seed-style sync POST /v1/issue",
