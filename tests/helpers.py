@@ -20,6 +20,7 @@ from stream_worker.worker import Worker
 
 ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
 REPO = Path(__file__).resolve().parent.parent
+PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 
 
 async def drain(redis: Redis, pool: aiomysql.Pool, settings: Settings, **changes: Any) -> None:
@@ -86,3 +87,18 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    """Assert an RFC 9457 problem response with the given status (and code); return its body."""
+    text = await response.text()
+    assert response.status == status, text
+    assert response.content_type == "application/problem+json", response.content_type
+    body: dict[str, Any] = await response.json(content_type=None)
+    assert body.keys() >= PROBLEM_FIELDS, body
+    assert body["status"] == status
+    assert isinstance(body["detail"], str)
+    assert body["detail"]
+    if code is not None:
+        assert body["code"] == code, body
+    return body

@@ -31,31 +31,14 @@ from shared.coupons import Coupon
 from shared.scripts import Scripts
 from shared.settings import Settings
 from tests.conftest import CouponFactory
-from tests.helpers import ADMIN, drain, issue, row_count, wait_for
+from tests.helpers import ADMIN, assert_problem, drain, issue, row_count, wait_for
 from tests.invariants import Checker
 
 Client = TestClient[Any, Any]
 
-PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
-    """Assert an RFC 9457 problem response with the given status (and code); return its body."""
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.content_type
-    body: dict[str, Any] = await response.json(content_type=None)
-    assert body.keys() >= PROBLEM_FIELDS, body
-    assert body["status"] == status
-    assert isinstance(body["detail"], str)
-    assert body["detail"]
-    if code is not None:
-        assert body["code"] == code, body
-    return body
 
 
 async def evalsha_calls(redis: Redis) -> int:
