@@ -26,12 +26,13 @@ from shared.scripts import BatchOutcome, IssueResult, Reservation
 # left to the Lua script, which reads Redis TIME, so the window is always Redis's.
 WINDOW_MARGIN_MS = 1000
 
-_REJECTIONS: dict[IssueResult, type[AppError]] = {
-    IssueResult.DUPLICATE: DuplicatedIssue,
-    IssueResult.SOLD_OUT: SoldOut,
-    IssueResult.NOT_STARTED: OutsideWindow,
-    IssueResult.ENDED: OutsideWindow,
-    IssueResult.PAUSED: CouponPaused,
+# What each script result answers: the error, and its detail (formatted only when raised).
+_REJECTIONS: dict[IssueResult, tuple[type[AppError], str]] = {
+    IssueResult.DUPLICATE: (DuplicatedIssue, "user {user} already requested coupon {coupon}"),
+    IssueResult.SOLD_OUT: (SoldOut, "coupon {coupon} is sold out"),
+    IssueResult.NOT_STARTED: (OutsideWindow, "issuing coupon {coupon} has not started yet"),
+    IssueResult.ENDED: (OutsideWindow, "issuing coupon {coupon} has ended"),
+    IssueResult.PAUSED: (CouponPaused, "issuing coupon {coupon} is paused"),
 }
 
 
@@ -80,7 +81,8 @@ class Issuer:
             raise Unavailable("Redis did not answer in time; the outcome is unknown") from None
         if reservation.result is IssueResult.ACCEPTED:
             return reservation
-        raise _REJECTIONS[reservation.result](_detail(reservation.result, coupon_id, user_id))
+        error, detail = _REJECTIONS[reservation.result]
+        raise error(detail.format(coupon=coupon_id, user=user_id))
 
     def _precheck(self, coupon: Coupon) -> None:
         """Answer without Redis when the snapshot already settles it."""
@@ -100,13 +102,3 @@ class Issuer:
     def _note_outcome(self, coupon_id: int, outcome: BatchOutcome) -> None:
         if outcome.remaining == 0:
             self._snapshots.mark_sold_out(coupon_id)
-
-
-def _detail(result: IssueResult, coupon_id: int, user_id: int) -> str:
-    return {
-        IssueResult.DUPLICATE: f"user {user_id} already requested coupon {coupon_id}",
-        IssueResult.SOLD_OUT: f"coupon {coupon_id} is sold out",
-        IssueResult.NOT_STARTED: f"issuing coupon {coupon_id} has not started yet",
-        IssueResult.ENDED: f"issuing coupon {coupon_id} has ended",
-        IssueResult.PAUSED: f"issuing coupon {coupon_id} is paused",
-    }[result]

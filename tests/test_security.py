@@ -45,7 +45,7 @@ from shared import coupons, keys
 from shared.coupons import MAX_ID, Coupon
 from shared.settings import ConfigError, Settings
 from tests.conftest import ADMIN_TOKEN, MYSQL_PASSWORD, CouponFactory
-from tests.helpers import ADMIN, REPO, couponctl, drain
+from tests.helpers import ADMIN, REPO, assert_problem, couponctl, drain
 from tests.invariants import Checker
 
 Client = TestClient[Any, Any]
@@ -120,16 +120,6 @@ async def accepted(response: aiohttp.ClientResponse) -> bool:
     if response.status == 202:
         return True
     return response.status == 200 and body.get("isSuccess") is True
-
-
-async def assert_problem(response: aiohttp.ClientResponse, status: int, code: str) -> None:
-    text = await response.text()
-    assert response.status == status, text
-    assert response.content_type == "application/problem+json", response.content_type
-    body = orjson.loads(text)
-    assert body["status"] == status
-    assert body["code"] == code, body
-    assert body["detail"]
 
 
 async def assert_nothing_reserved(redis: Redis, *coupons: Coupon) -> None:
