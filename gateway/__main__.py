@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import structlog
 import uvloop
@@ -34,6 +35,7 @@ def main() -> None:
             "identity_not_verified",
             reason="COUPON_AUTH=none: the user id in the request body is trusted as is",
         )
+    _warn_if_backlog_capped(settings.listen_backlog, log)
     log.info(
         "gateway_starting",
         host=settings.http_host,
@@ -51,6 +53,7 @@ def main() -> None:
             access_log=None,
             print=None,
             reuse_port=one_of_many,
+            backlog=settings.listen_backlog,
             shutdown_timeout=settings.shutdown_grace_seconds,
             loop=uvloop.new_event_loop(),
         )
@@ -62,6 +65,26 @@ def main() -> None:
         raise SystemExit(1) from None
     finally:
         metrics.mark_process_dead(os.getpid())
+
+
+SOMAXCONN = Path("/proc/sys/net/core/somaxconn")
+
+
+def _warn_if_backlog_capped(backlog: int, log: structlog.typing.FilteringBoundLogger) -> None:
+    """The kernel silently caps every listen queue at ``net.core.somaxconn``; a short queue
+    drops the SYNs of a drop's first second, and each dropped SYN costs its client a 1 s, then
+    3 s, retransmission. Say so at start, with the value that would fix it."""
+    try:
+        limit = int(SOMAXCONN.read_text())
+    except (OSError, ValueError):
+        return
+    if limit < backlog:
+        log.warning(
+            "listen_backlog_capped",
+            backlog=backlog,
+            somaxconn=limit,
+            fix=f"sysctl -w net.core.somaxconn={backlog} (see README: the listen backlog)",
+        )
 
 
 if __name__ == "__main__":

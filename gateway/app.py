@@ -11,7 +11,7 @@ from prometheus_async.aio.web import server_stats
 
 from gateway import admin, appkeys, compat, openapi, routes
 from gateway.auth import Authenticator
-from gateway.backpressure import InFlightLimit, PipelineHealth
+from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer
 from gateway.issuing import Issuer
 from gateway.problems import problem_middleware
@@ -66,9 +66,12 @@ async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
         max_lag=settings.shed_max_lag,
         max_age_seconds=settings.shed_max_age_seconds,
     )
-    app[appkeys.ISSUER] = Issuer(
-        snapshots, coalescer, health=health, in_flight=InFlightLimit(settings.max_in_flight)
+    admission = WaitAdmission(
+        coalescer.oldest_wait,
+        target_seconds=settings.shed_wait_target_ms / 1000,
+        interval_seconds=settings.shed_wait_interval_ms / 1000,
     )
+    app[appkeys.ISSUER] = Issuer(snapshots, coalescer, health=health, admission=admission)
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(snapshots.listen(stop), name="snapshot-listener"),
@@ -102,6 +105,7 @@ async def _admin_listener_ctx(app: web.Application) -> AsyncIterator[None]:
             runner,
             settings.admin_host,
             settings.admin_port,
+            backlog=settings.listen_backlog,
             reuse_port=settings.gateway_processes > 1,
         )
         await site.start()
@@ -116,7 +120,7 @@ def create_admin_app(settings: Settings) -> web.Application:
     ``COUPON_ADMIN_PORT`` is set (the caller provides ``REDIS`` and ``MYSQL``)."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[problem_middleware],
+        middlewares=[problem_middleware(settings.request_log_sample)],
     )
     app[appkeys.SETTINGS] = settings
     app.add_routes(admin.routes)
@@ -127,7 +131,7 @@ def create_app(settings: Settings) -> web.Application:
     """Build the gateway for ``settings``; resources open on start-up, in order."""
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[problem_middleware],
+        middlewares=[problem_middleware(settings.request_log_sample)],
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.AUTHENTICATOR] = Authenticator(settings)

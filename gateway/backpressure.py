@@ -6,13 +6,16 @@ Two signals, both cheap on the hot path (a dict lookup and a counter):
   (entries not yet delivered, and the age of the oldest unsettled entry, which also grows while
   MySQL is down and batches are being retried). Past a threshold the gateway answers 503 with
   Retry-After instead of piling up promises the workers cannot keep in time;
-- the gateway's own load: past a number of issue requests in flight in this process, new ones
-  get 503 at once, so an overload cannot grow latency without bound.
+- the gateway's own queue: while the oldest request waiting for a reservation in this process
+  has waited longer than a target for a whole interval (a standing queue, not a burst), new
+  ones get 503 at once, so an overload cannot grow latency without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -106,18 +109,46 @@ class PipelineHealth:
         return None
 
 
-class InFlightLimit:
-    """At most ``limit`` issue requests in progress in this process (0 = no limit)."""
+class WaitAdmission:
+    """Sheds new reservations while the process's reservation queue stands (CoDel-like).
 
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self.in_flight = 0
+    The signal is how long the oldest request waiting for its reservation has waited (queued
+    behind a coupon's call in flight, or in that call). A burst makes a queue that drains by
+    itself; only a queue whose oldest request stays older than ``target`` for a whole
+    ``interval`` without a break means more arrives than the process can serve (the idea of
+    CoDel, Nichols and Jacobson, 2012). Then new requests get 503 before anything is reserved,
+    until the oldest wait falls under the target again. A count of requests in flight cannot
+    tell the two apart: it refuses a burst of cheap requests that would all be served within
+    milliseconds.
+    """
 
-    def __enter__(self) -> InFlightLimit:
-        if self._limit and self.in_flight >= self._limit:
-            raise Overloaded(f"more than {self._limit} requests in progress; retry shortly")
-        self.in_flight += 1
-        return self
+    def __init__(
+        self,
+        oldest_wait: Callable[[float], float],
+        *,
+        target_seconds: float,
+        interval_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._oldest_wait = oldest_wait
+        self._target = target_seconds
+        self._interval = interval_seconds
+        self._clock = clock
+        self._above_since: float | None = None
 
-    def __exit__(self, *exc: object) -> None:
-        self.in_flight -= 1
+    def check(self) -> None:
+        """Raise :class:`Overloaded` while the queue has stood above the target too long."""
+        if not self._target:
+            return
+        now = self._clock()
+        wait = self._oldest_wait(now)
+        if wait < self._target:
+            self._above_since = None
+            return
+        if self._above_since is None:
+            self._above_since = now
+        if now - self._above_since >= self._interval:
+            raise Overloaded(
+                f"requests wait {wait * 1000:.0f} ms for a reservation (target"
+                f" {self._target * 1000:.0f} ms); retry shortly"
+            )

@@ -21,7 +21,8 @@ from shared.scripts import BatchOutcome, Reservation, Scripts
 log = structlog.get_logger(__name__)
 
 
-_Waiter = tuple[int, "asyncio.Future[Reservation]"]
+# (user id, its future, when it was queued: time.monotonic())
+_Waiter = tuple[int, "asyncio.Future[Reservation]", float]
 
 
 class StateMissing(Exception):
@@ -33,6 +34,8 @@ class _Queue:
     waiting: list[_Waiter] = field(default_factory=list)
     scheduled: bool = False
     in_flight: bool = False
+    in_flight_since: float = 0.0
+    """When the oldest request of the call in flight was queued."""
 
 
 class Coalescer:
@@ -55,7 +58,7 @@ class Coalescer:
         queue = self._queues.get(coupon_id)
         if queue is None:
             queue = self._queues[coupon_id] = _Queue()
-        queue.waiting.append((user_id, future))
+        queue.waiting.append((user_id, future, time.monotonic()))
         if not queue.scheduled and not queue.in_flight:
             queue.scheduled = True
             loop.call_soon(self._flush, coupon_id)
@@ -70,6 +73,7 @@ class Coalescer:
         batch = queue.waiting[: self._max_batch]
         del queue.waiting[: self._max_batch]
         queue.in_flight = True
+        queue.in_flight_since = batch[0][2]
         task = asyncio.get_running_loop().create_task(self._call(coupon_id, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -78,7 +82,7 @@ class Coalescer:
         started = time.perf_counter()
         try:
             outcome = await asyncio.wait_for(
-                self._scripts.reserve(coupon_id, [user for user, _ in batch]), self._timeout
+                self._scripts.reserve(coupon_id, [user for user, _, _ in batch]), self._timeout
             )
         except (RedisError, TimeoutError, OSError) as exc:
             log.warning("reserve_failed", coupon_id=coupon_id, batch=len(batch), error=repr(exc))
@@ -101,6 +105,17 @@ class Coalescer:
             elif not queue.scheduled:
                 del self._queues[coupon_id]
 
+    def oldest_wait(self, now: float) -> float:
+        """Seconds the oldest request still waiting for its reservation has waited (0 when
+        none waits): the signal of :class:`gateway.backpressure.WaitAdmission`."""
+        oldest = now
+        for queue in self._queues.values():
+            if queue.in_flight:
+                oldest = min(oldest, queue.in_flight_since)
+            elif queue.waiting:
+                oldest = min(oldest, queue.waiting[0][2])
+        return now - oldest
+
     async def drain(self) -> None:
         """Wait for every in-flight call (graceful shutdown)."""
         while self._tasks:
@@ -114,7 +129,7 @@ def _settle(
     error: BaseException | None = None,
 ) -> None:
     """Resolve every waiter of a batch (a waiter whose request was cancelled is skipped)."""
-    for index, (_, future) in enumerate(batch):
+    for index, (_, future, _) in enumerate(batch):
         if future.done():
             continue
         if results is not None:

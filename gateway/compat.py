@@ -22,6 +22,7 @@ from aiohttp import web
 
 from gateway import appkeys, auth
 from gateway.outcomes import counted
+from gateway.problems import sampled_log
 from gateway.validation import id_field, json_object
 from shared import issue_store, keys
 from shared.errors import CouponNotFound, Rejection, SoldOut
@@ -58,6 +59,7 @@ async def _decide(request: web.Request) -> tuple[int, int, Reservation]:
 
 @routes.post("/v1/issue-async")
 @routes.post("/v2/issue-async")
+@sampled_log
 async def issue_async(request: web.Request) -> web.Response:
     """The native async path in the seed's shapes."""
     try:
@@ -68,6 +70,7 @@ async def issue_async(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/issue")
+@sampled_log
 async def issue_sync(request: web.Request) -> web.Response:
     """Reserve, then commit the row before answering (the seed's FOR UPDATE path)."""
     try:

@@ -6,7 +6,7 @@ import time
 
 from redis.exceptions import RedisError
 
-from gateway.backpressure import InFlightLimit, PipelineHealth
+from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer, StateMissing
 from gateway.snapshots import SnapshotCache
 from shared.coupons import Coupon
@@ -49,20 +49,16 @@ class Issuer:
         coalescer: Coalescer,
         *,
         health: PipelineHealth | None = None,
-        in_flight: InFlightLimit | None = None,
+        admission: WaitAdmission | None = None,
     ) -> None:
         self._snapshots = snapshots
         self._coalescer = coalescer
         self._health = health
-        self._in_flight = in_flight or InFlightLimit(0)
+        self._admission = admission
         coalescer.on_outcome.append(self._note_outcome)
 
     async def issue(self, coupon_id: int, user_id: int) -> Reservation:
         """Reserve a coupon for a user, or raise the :class:`AppError` that says why not."""
-        with self._in_flight:
-            return await self._issue(coupon_id, user_id)
-
-    async def _issue(self, coupon_id: int, user_id: int) -> Reservation:
         try:
             coupon = await self._snapshots.get(coupon_id)
         except (RedisError, OSError, TimeoutError):
@@ -72,6 +68,8 @@ class Issuer:
         self._precheck(coupon)
         if self._health is not None:
             self._health.check(coupon_id)
+        if self._admission is not None:
+            self._admission.check()
         try:
             reservation = await self._coalescer.reserve(coupon_id, user_id)
         except StateMissing:

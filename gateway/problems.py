@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import Histogram
 
 from shared import metrics
@@ -29,18 +31,27 @@ _prefix = f"{os.getpid():x}"
 def problem_response(
     status: int, code: str, title: str, detail: str, *, headers: dict[str, str] | None = None
 ) -> web.Response:
-    body = {
-        "type": PROBLEM_TYPE + code.lower().replace("_", "-"),
-        "title": title,
-        "status": status,
-        "detail": detail,
-        "code": code,
-    }
     return web.Response(
-        body=orjson.dumps(body),
+        body=_problem_body(status, code, title, detail),
         status=status,
         content_type="application/problem+json",
         headers=headers,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _problem_body(status: int, code: str, title: str, detail: str) -> bytes:
+    """The rendered body. During a drop nearly every answer is one of a few identical
+    rejections ("coupon 7 is sold out"), so each distinct body is rendered once; bounded, as
+    details may name a user."""
+    return orjson.dumps(
+        {
+            "type": PROBLEM_TYPE + code.lower().replace("_", "-"),
+            "title": title,
+            "status": status,
+            "detail": detail,
+            "code": code,
+        }
     )
 
 
@@ -60,48 +71,76 @@ def _http_code(status: int) -> str:
     return "INVALID_REQUEST" if status < 500 else "FAIL_COUPON_ISSUE_REQUEST"
 
 
-@web.middleware
-async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every error into problem+json and log one line per request."""
-    started = time.perf_counter()
-    # The caller's id is echoed and logged, so it is bounded once, here.
-    request_id = (request.headers.get("X-Request-ID") or "")[:128] or (
-        f"{_prefix}-{next(_request_ids):x}"
-    )
-    response: web.StreamResponse
-    try:
-        response = await handler(request)
-    except AppError as error:
-        response = render(error)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        # 405 must say which methods are allowed (RFC 9110 §15.5.6).
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        response = problem_response(
-            exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason, headers=allow
-        )
-    except Exception:
-        log.exception("unhandled_error", request_id=request_id, path=request.path)
-        response = problem_response(
-            500,
-            "FAIL_COUPON_ISSUE_REQUEST",
-            "Internal error",
-            "An unexpected error occurred; it has been logged.",
-        )
-    response.headers["X-Request-ID"] = request_id
-    elapsed = time.perf_counter() - started
-    route = _route_name(request)
-    _latency(route, response.status).observe(elapsed)
-    log.info(
-        "http_request",
-        request_id=request_id,
-        method=request.method,
-        route=route,
-        status=response.status,
-        duration_ms=round(elapsed * 1000, 3),
-    )
-    return response
+def sampled_log(handler: Handler) -> Handler:
+    """Mark a route whose requests are logged only at ``COUPON_REQUEST_LOG_SAMPLE`` (5xx always):
+    the routes a drop hammers, where a line per request would cost more than the answer."""
+    _SAMPLED_HANDLERS.add(handler)
+    return handler
+
+
+_SAMPLED_HANDLERS: set[Handler] = set()
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's ``X-Request-ID`` when it is printable ASCII (cut to 128 characters), else a
+    new one: the id is echoed in a header and written to the log, where anything else (a stray
+    ``\\xff`` byte) would break the answer or the line."""
+    raw = request.headers.get("X-Request-ID")
+    if raw and raw.isascii() and raw.isprintable():
+        return raw[:128]
+    return f"{_prefix}-{next(_request_ids):x}"
+
+
+def problem_middleware(sample: float) -> Middleware:
+    """Turn every error into problem+json, time every request, and log it: every request on
+    most routes, a ``sample`` share of those on :func:`sampled_log` routes, every 5xx."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = request_id_of(request)
+        response: web.StreamResponse
+        try:
+            response = await handler(request)
+        except AppError as error:
+            response = render(error)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            # 405 must say which methods are allowed (RFC 9110 §15.5.6).
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            response = problem_response(
+                exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason,
+                headers=allow,
+            )  # fmt: skip
+        except Exception:
+            log.exception("unhandled_error", request_id=request_id, path=request.path)
+            response = problem_response(
+                500,
+                "FAIL_COUPON_ISSUE_REQUEST",
+                "Internal error",
+                "An unexpected error occurred; it has been logged.",
+            )
+        response.headers["X-Request-ID"] = request_id
+        elapsed = time.perf_counter() - started
+        match_info = request.match_info
+        status = response.status
+        resource = match_info.route.resource
+        route = "unmatched" if resource is None else resource.canonical
+        _latency(route, status).observe(elapsed)
+        if match_info.handler not in _SAMPLED_HANDLERS or status >= 500:
+            log.info(
+                "http_request", request_id=request_id, method=request.method, route=route,
+                status=status, duration_ms=round(elapsed * 1000, 3),
+            )  # fmt: skip
+        elif sample and random.random() < sample:  # noqa: S311 - a log sample, not a secret
+            log.info(
+                "http_request", request_id=request_id, method=request.method, route=route,
+                status=status, duration_ms=round(elapsed * 1000, 3), sample=sample,
+            )  # fmt: skip
+        return response
+
+    return middleware
 
 
 @functools.cache
@@ -109,11 +148,6 @@ def _latency(route: str, status: int) -> Histogram:
     """The latency series of a route and status class (a bounded set: routes x classes);
     looked up once, as ``labels()`` costs more than the observation itself."""
     return metrics.HTTP_REQUEST_SECONDS.labels(route, f"{status // 100}xx")
-
-
-def _route_name(request: web.Request) -> str:
-    resource = request.match_info.route.resource
-    return "unmatched" if resource is None else resource.canonical
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -9,7 +9,7 @@ from redis.exceptions import RedisError
 
 from gateway import appkeys, auth
 from gateway.outcomes import counted
-from gateway.problems import json_response
+from gateway.problems import json_response, sampled_log
 from gateway.validation import json_object, parse_id
 from shared import keys
 from shared.errors import (
@@ -23,6 +23,7 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/v1/coupons/{coupon_id}/issues")
+@sampled_log
 async def issue(request: web.Request) -> web.Response:
     """Reserve the coupon for the user; 202 means the request is durably queued."""
     with counted():
@@ -42,6 +43,7 @@ async def issue(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/coupons/{coupon_id}/issues/{user_id}")
+@sampled_log
 async def issue_status(request: web.Request) -> web.Response:
     """pending, issued or failed, answered from Redis alone."""
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
@@ -74,6 +76,7 @@ async def issue_status(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/coupons/{coupon_id}")
+@sampled_log
 async def coupon_snapshot(request: web.Request) -> web.Response:
     """The public view of a coupon: title, window, total, remaining, sold_out."""
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")

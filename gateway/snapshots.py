@@ -22,6 +22,10 @@ from shared.coupons import Coupon, load_snapshot
 
 log = structlog.get_logger(__name__)
 
+# Bound once: labels() costs more than the inc() itself, and a hit is on every request.
+_HITS = metrics.SNAPSHOT_LOOKUPS.labels("hit")
+_MISSES = metrics.SNAPSHOT_LOOKUPS.labels("miss")
+
 
 class SnapshotCache:
     """Coupon snapshots and sold-out flags for one gateway process."""
@@ -41,9 +45,9 @@ class SnapshotCache:
         entry = self._entries.get(coupon_id)
         now = time.monotonic()
         if entry is not None and entry[0] > now:
-            metrics.SNAPSHOT_LOOKUPS.labels("hit").inc()
+            _HITS.inc()
             return entry[1]
-        metrics.SNAPSHOT_LOOKUPS.labels("miss").inc()
+        _MISSES.inc()
         loading = self._loading.get(coupon_id)
         if loading is not None:
             return await asyncio.shield(loading)

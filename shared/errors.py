@@ -141,9 +141,10 @@ class Unavailable(AppError):
 
 
 class Overloaded(Unavailable):
-    """This gateway process has too many requests in progress; nothing was reserved."""
+    """This gateway process's reservation queue stands (requests wait past the target);
+    nothing was reserved."""
 
-    title = "Too many requests in progress"
+    title = "Requests wait too long for a reservation"
 
 
 class PipelineBehind(Unavailable):

@@ -157,7 +157,10 @@ class Settings:
     snapshot_ttl_seconds: float = 10.0
     coalesce_max_batch: int = 512
     max_body_bytes: int = 4096
-    max_in_flight: int = 2048
+    listen_backlog: int = 4096
+    request_log_sample: float = 0.01
+    shed_wait_target_ms: float = 500.0
+    shed_wait_interval_ms: float = 1000.0
     shed_max_lag: int = 200_000
     shed_max_age_seconds: float = 120.0
 
@@ -204,6 +207,7 @@ class Settings:
             "COUPON_GATEWAY_PROCESSES": self.gateway_processes,
             "COUPON_COALESCE_MAX_BATCH": self.coalesce_max_batch,
             "COUPON_MAX_BODY_BYTES": self.max_body_bytes,
+            "COUPON_LISTEN_BACKLOG": self.listen_backlog,
             "COUPON_BATCH_SIZE": self.batch_size,
             "COUPON_BLOCK_MS": self.block_ms,
             "COUPON_RECLAIM_IDLE_MS": self.reclaim_idle_ms,
@@ -232,15 +236,19 @@ class Settings:
         self._check_security()
 
     def _check_shedding(self) -> None:
-        """Load-shedding thresholds (COUPON_MAX_IN_FLIGHT, COUPON_SHED_*); 0 turns one off."""
-        for name, count in (
-            ("COUPON_MAX_IN_FLIGHT", self.max_in_flight),
-            ("COUPON_SHED_MAX_LAG", self.shed_max_lag),
+        """Load-shedding thresholds (COUPON_SHED_*) and the request log's sample; 0 turns a
+        threshold off."""
+        if self.shed_max_lag < 0:
+            raise ConfigError(f"COUPON_SHED_MAX_LAG must be 0 (off) or more: {self.shed_max_lag}")
+        for name, value in (
+            ("COUPON_SHED_MAX_AGE_SECONDS", self.shed_max_age_seconds),
+            ("COUPON_SHED_WAIT_TARGET_MS", self.shed_wait_target_ms),
+            ("COUPON_SHED_WAIT_INTERVAL_MS", self.shed_wait_interval_ms),
         ):
-            if count < 0:
-                raise ConfigError(f"{name} must be 0 (off) or more, got {count}")
-        if not math.isfinite(self.shed_max_age_seconds) or self.shed_max_age_seconds < 0:
-            raise ConfigError("COUPON_SHED_MAX_AGE_SECONDS must be 0 (off) or more seconds")
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} must be 0 (off) or more")
+        if not (math.isfinite(self.request_log_sample) and 0 <= self.request_log_sample <= 1):
+            raise ConfigError("COUPON_REQUEST_LOG_SAMPLE must be between 0 and 1")
 
     def _check_security(self) -> None:
         """Identity, admin listener and rate-limit settings (COUPON_AUTH, _JWT_*, _RATE_LIMIT_*)."""
@@ -349,7 +357,10 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "COUPON_SNAPSHOT_TTL_SECONDS": ("snapshot_ttl_seconds", float),
     "COUPON_COALESCE_MAX_BATCH": ("coalesce_max_batch", int),
     "COUPON_MAX_BODY_BYTES": ("max_body_bytes", int),
-    "COUPON_MAX_IN_FLIGHT": ("max_in_flight", int),
+    "COUPON_LISTEN_BACKLOG": ("listen_backlog", int),
+    "COUPON_REQUEST_LOG_SAMPLE": ("request_log_sample", float),
+    "COUPON_SHED_WAIT_TARGET_MS": ("shed_wait_target_ms", float),
+    "COUPON_SHED_WAIT_INTERVAL_MS": ("shed_wait_interval_ms", float),
     "COUPON_SHED_MAX_LAG": ("shed_max_lag", int),
     "COUPON_SHED_MAX_AGE_SECONDS": ("shed_max_age_seconds", float),
     "COUPON_WORKER_NAME": ("worker_name", str),

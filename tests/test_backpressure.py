@@ -1,6 +1,7 @@
 """Load shedding: the gateway answers 503 with Retry-After *before* reserving when the workers
-are too far behind on a coupon or the process has too many requests in flight, and takes
-requests again once the pipeline has caught up."""
+are too far behind on a coupon or the process's reservation queue stands (its oldest request
+has waited past a target for a whole interval), and takes requests again once it has caught
+up."""
 
 from __future__ import annotations
 
@@ -100,17 +101,47 @@ async def test_sheds_while_the_oldest_request_waits_too_long(
     await check_invariants(coupon, accepted={1} | probe.accepted, rejected=probe.shed)
 
 
-async def test_in_flight_limit_sheds_the_excess_before_reserving(
+async def test_a_standing_reservation_queue_is_shed_and_a_drained_one_is_not(
     make_client, settings, redis, pool, make_coupon, check_invariants
 ):
-    client = await make_client(settings.replace(max_in_flight=2))
+    client = await make_client(
+        settings.replace(
+            shed_wait_target_ms=50, shed_wait_interval_ms=100, redis_timeout_seconds=5.0
+        )
+    )
     coupon = await make_coupon(total=1000)
-    users = range(1, 201)
-    answers = await asyncio.gather(*(issue(client, coupon.id, u) for u in users))
-    by_status: dict[int, set[int]] = {}
-    for user, (status, _) in zip(users, answers, strict=True):
-        by_status.setdefault(status, set()).add(user)
-    assert set(by_status) == {202, 503}, by_status.keys()
-    await assert_holds_nothing(redis, coupon.id, by_status[503])
+    assert (await issue(client, coupon.id, 1))[0] == 202
+    # Redis holds every write for a while: the reservation in flight, and everything queued
+    # behind it, waits. Past the target for a whole interval, new requests are shed.
+    await redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+    waiting = [asyncio.create_task(issue(client, coupon.id, user)) for user in (2, 3)]
+    shed: set[int] = set()
+    users = iter(range(100, 10_000))
+
+    async def shedding() -> bool:
+        user = next(users)
+        status, body = await asyncio.wait_for(issue(client, coupon.id, user), 0.05)
+        assert status == 503, body
+        assert body["title"] == "Requests wait too long for a reservation", body
+        shed.add(user)
+        return True
+
+    async def answered_at_once() -> bool:
+        try:
+            return await shedding()
+        except TimeoutError:  # admitted: queued behind the paused call (answered later)
+            return False
+
+    try:
+        await wait_for(answered_at_once, within=2.5, interval=0.02)
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+    assert [status for status, _ in await asyncio.gather(*waiting)] == [202, 202]
+    await assert_holds_nothing(redis, coupon.id, shed)
+    # The queue drained: a burst of requests at once is served, none shed.
+    burst = range(20_000, 20_200)
+    statuses = await asyncio.gather(*(issue(client, coupon.id, user) for user in burst))
+    assert {status for status, _ in statuses} == {202}
     await drain(redis, pool, settings)
-    await check_invariants(coupon, accepted=by_status[202], rejected=by_status[503])
+    accepted = {1, 2, 3, *burst}
+    await check_invariants(coupon, accepted=accepted, rejected=shed)

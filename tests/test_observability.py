@@ -118,7 +118,8 @@ async def test_two_gateway_processes_scrape_as_the_totals_clients_saw(
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     gateway_settings = settings.replace(
-        http_port=port, gateway_processes=2, log_format="auto", log_level="info"
+        http_port=port, gateway_processes=2, log_format="auto", log_level="info",
+        request_log_sample=1.0,
     )
     env = child_env(gateway_settings, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
     log = tmp_path / "gateway.log"  # the supervisor and both processes write here
