@@ -54,9 +54,36 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
+# Named load shapes: defaults that an explicit option still overrides.
+SHAPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The original system's published test: 5,000 locust users without think time, started at
+    # 500 per second, random user ids 1..10,000,000, every request on /v2/issue-async, a
+    # coupon of 10,000, about a minute.
+    "original": {
+        "users": 5_000,
+        "spawn_rate": 500,
+        "duration": 60,
+        "user_ids": 10_000_000,
+        "seed_route_share": 1.0,
+        "seed_route": "/v2/issue-async",
+        "stock": 10_000,
+    },
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    shape_parser = argparse.ArgumentParser(add_help=False)
+    shape_parser.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    shape, _ = shape_parser.parse_known_args(argv)
     parser = argparse.ArgumentParser(
         prog="scripts/loadtest", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="default",
+        help="a named load shape; 'original' is the original system's 5,000-user test",
     )
     parser.add_argument("--users", type=int, default=500, help="locust users (default 500)")
     parser.add_argument("--spawn-rate", type=float, default=100, help="users started per second")
@@ -88,6 +115,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--report-dir", type=Path, help="default reports/<timestamp>")
     parser.add_argument("--keep", action="store_true", help="keep the stack's folder and logs")
+    parser.set_defaults(**SHAPES[shape.shape])
     args = parser.parse_args(argv)
     if args.users <= 0 or args.spawn_rate <= 0 or args.processes <= 0 or args.workers < 0:
         parser.error("users, spawn rate and processes must be positive; workers 0 or more")

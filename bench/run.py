@@ -8,8 +8,9 @@ across machines and shrugs off a round spoiled by another process; the absolute 
 each scenario's best round and hold only for this machine.
 
 Then the worker's drain rate is compared with raw 500-row INSERT statements into the same table,
-and with a one-row-per-transaction consumer. Last, an end-to-end drop: N coupons to M users
-through real gateways and workers, with the invariants checked.
+and with a one-row-per-transaction consumer. Then an end-to-end drop: N coupons to M users
+through real gateways and workers, with the invariants checked. Last, the drop moment
+(:mod:`bench.burst`): thousands of connections opened at once, beside the bare endpoint.
 
 Everything runs on a private stack (:mod:`bench.stack`) that is stopped at the end, whatever
 happens. ``--quick`` makes every part tiny (CI's smoke run).
@@ -38,7 +39,8 @@ import aiomysql
 import uvloop
 from redis.asyncio import Redis
 
-from bench import checks
+from bench import burst, checks
+from bench import profile as bench_profile
 from bench.client import fire
 from bench.stack import PYTHON, REPO, Service, Stack, find_binary, free_port, http_ok, stack
 from shared import coupons, db, issue_store, keys, redis_client
@@ -54,6 +56,13 @@ GOALS = {
     "accept_vs_bare": 0.75,
     "sold_out_vs_bare": 0.85,
     "drain_vs_raw_insert": 0.5,
+}
+# The 5,000-connection burst, one gateway process, on each route (bench/burst.py).
+BURST_GOALS = {
+    "failed_pct": 0.077,  # the original system's figure, at most
+    "rps_vs_bare": 0.75,  # at least
+    "p99_vs_bare": 1.5,  # at most
+    "overflows_vs_bare": 0,  # listen-queue overflows beyond bare's, at most
 }
 
 
@@ -72,6 +81,7 @@ class Profile:
     e2e_concurrency: int
     e2e_gateways: int
     e2e_workers: int
+    burst: burst.BurstProfile
 
 
 FULL = Profile(
@@ -88,6 +98,7 @@ FULL = Profile(
     e2e_concurrency=64,
     e2e_gateways=2,
     e2e_workers=2,
+    burst=burst.FULL,
 )
 QUICK = Profile(
     duration=1,
@@ -101,6 +112,7 @@ QUICK = Profile(
     e2e_concurrency=16,
     e2e_gateways=2,
     e2e_workers=1,
+    burst=burst.QUICK,
 )
 
 
@@ -183,7 +195,7 @@ async def evalsha_calls(redis: Redis) -> int:
 
 async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     log("starting the bare endpoint, the gateway and the naive gateway (one process each)")
-    bare = _start_bare(running)
+    bare = start_bare(running)
     # No worker runs in this phase (it would compete for the CPU), so the backlog only grows:
     # load shedding, which refuses a coupon whose backlog is too long or too old, is off here.
     gateway = running.start_gateway(name="gateway", shed_max_lag=0, shed_max_age_seconds=0.0)
@@ -283,7 +295,7 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     }
 
 
-def _start_bare(running: Stack) -> Service:
+def start_bare(running: Stack) -> Service:
     port = free_port()
     proc = running.spawn(f"bare-{port}", [PYTHON, "-m", "bench.bare_app", str(port)])
     url = f"http://127.0.0.1:{port}"
@@ -608,6 +620,7 @@ def table(results: dict[str, Any]) -> str:
             ).rstrip()
         )
     lines.insert(1, "-" * len(lines[0]))
+    lines += ["", *burst_table(results)]
     coalesced = http["accept"]["evalsha_per_request"]
     naive = http["naive"]["evalsha_per_request"]
     lines.append("")
@@ -616,6 +629,40 @@ def table(results: dict[str, Any]) -> str:
         f" p99 accept {http['accept']['p99_ms']:.1f} ms, bare {http['bare']['p99_ms']:.1f} ms"
     )
     return "\n".join(lines)
+
+
+def burst_table(results: dict[str, Any]) -> list[str]:
+    """The burst's rows: bare and the gateway on each route, one and two processes."""
+    data = results["burst"]
+    goals = results["goals"]
+    p = data["profile"]
+    lines = [
+        f"burst: {p['connections']:,} connections at once, {p['seconds']} s, coupon of"
+        f" {p['stock']:,}, random user ids (medians of {p['rounds']} rounds)",
+        f"{'target':24} {'req/s':>8} {'x bare':>6} {'p50 ms':>8} {'p99 ms':>8} {'x bare':>6}"
+        f" {'failed':>8} {'failed %':>9} {'overflows':>9}",
+    ]
+    for row in data["table"].values():
+        label = f"{row['target']} {row['route']} x{row['processes']}"
+        lines.append(
+            f"{label:24} {row['rps']:8,.0f} {row['rps_vs_bare']:6.2f} {row['p50_ms']:8.1f}"
+            f" {row['p99_ms']:8.1f} {row['p99_vs_bare']:6.2f} {row['failed']:8,}"
+            f" {row['failed_pct']:9.3f} {row['listen_overflows']:9,}"
+        )
+    for route in burst.ROUTES:
+        verdicts = []
+        for name, goal in BURST_GOALS.items():
+            g = goals[f"burst_{route}_{name}"]
+            sign = ">=" if name == "rps_vs_bare" else "<="
+            verdicts.append(f"{name} {sign} {goal}: {'met' if g['met'] else 'NOT met'}")
+        lines.append(f"goals, {route} x1: " + "; ".join(verdicts))
+    drops = data["drops"]
+    bad = [d for d in drops if d["problems"]]
+    lines.append(
+        f"invariants of {len(drops)} drops: "
+        + ("all hold (" + drops[0]["headline"] + ", ...)" if not bad else f"BROKEN: {bad}")
+    )
+    return lines
 
 
 async def run(profile: Profile, keep: bool) -> dict[str, Any]:
@@ -629,6 +676,7 @@ async def run(profile: Profile, keep: bool) -> dict[str, Any]:
         results["http"] = await http_phase(running, profile)
         results["drain"] = await drain_phase(running, profile)
         results["e2e"] = await e2e_phase(running, profile)
+        results["burst"] = await burst.burst_phase(running, profile.burst)
         results["processes"] = running.processes()
         results["stack_folder"] = str(running.root)
     http = results["http"]["scenarios"]
@@ -648,11 +696,23 @@ async def run(profile: Profile, keep: bool) -> dict[str, Any]:
         name: {"goal": goal, "value": ratios[name], "met": ratios[name] >= goal}
         for name, goal in GOALS.items()
     }
+    for route in burst.ROUTES:
+        row = results["burst"]["table"][f"gateway-{route}-x1"]
+        for name, goal in BURST_GOALS.items():
+            met = row[name] >= goal if name == "rps_vs_bare" else row[name] <= goal
+            results["goals"][f"burst_{route}_{name}"] = {
+                "goal": goal, "value": row[name], "met": met,
+            }  # fmt: skip
     results["seconds"] = time.perf_counter() - started
     # Other processes on the machine distort every number: the record says how busy it was.
     results["machine"]["load_average_at_end"] = os.getloadavg()
     results["table"] = table(results)
     return results
+
+
+async def _profile_only(folder: Path, tag: str) -> None:
+    with stack() as running:
+        await bench_profile.profile(running, folder, tag, seconds=10, connections=64)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -662,7 +722,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--duration", type=int, help="seconds per wrk measurement")
     parser.add_argument("--rounds", type=int, help="rounds of HTTP scenarios (best counts)")
     parser.add_argument("--keep", action="store_true", help="keep the stack's folder and logs")
+    parser.add_argument(
+        "--profile", action="store_true", help="only flame graphs of the hot paths (py-spy)"
+    )
+    parser.add_argument("--profile-tag", default="", help="suffix of the flame graph files")
+    parser.add_argument("--profile-folder", type=Path, default=bench_profile.DEFAULT_FOLDER)
     args = parser.parse_args(argv)
+    if args.profile:
+        shared_logging.configure("console", "warning")
+        uvloop.run(_profile_only(args.profile_folder, args.profile_tag))
+        return
     profile = QUICK if args.quick else FULL
     if args.duration is not None or args.rounds is not None:
         profile = Profile(

@@ -56,7 +56,24 @@ def test_bench_quick_prints_the_table_and_writes_results(tmp_path: Path) -> None
     e2e = results["e2e"]["invariants"]
     assert e2e["ok"]
     assert e2e["headline"] == "100 issued of 100, 0 duplicates, 0 lost"
-    assert set(results["goals"]) == {"accept_vs_bare", "sold_out_vs_bare", "drain_vs_raw_insert"}
+    burst_goals = {
+        f"burst_{route}_{name}"
+        for route in ("native", "seed")
+        for name in ("failed_pct", "rps_vs_bare", "p99_vs_bare", "overflows_vs_bare")
+    }
+    assert set(results["goals"]) == {
+        "accept_vs_bare", "sold_out_vs_bare", "drain_vs_raw_insert", *burst_goals,
+    }  # fmt: skip
+    # The burst ran every target on both routes, one and two processes, and every drop's
+    # invariants held: as many rows as answers said accepted, none twice, all drained.
+    burst = results["burst"]
+    assert set(burst["table"]) == {
+        f"{target}-x{n}" for target in ("bare-bare", "gateway-native", "gateway-seed")
+        for n in (1, 2)
+    }  # fmt: skip
+    assert burst["invariants_ok"], burst["drops"]
+    assert all(drop["rows"] == drop["total_quantity"] for drop in burst["drops"]), burst["drops"]
+    assert "burst: 200 connections at once" in done.stdout
     _assert_all_stopped(results["processes"])
     assert not Path(results["stack_folder"]).exists()
 
