@@ -432,7 +432,8 @@ async def fetch_coupon(pool: aiomysql.Pool, coupon_id: int) -> Coupon | None:
 
 @dataclass(frozen=True, slots=True)
 class Counters:
-    """Where every accepted request of one coupon stands (DESIGN §6, invariant I5)."""
+    """Where every accepted request of one coupon stands: each is exactly one of issued,
+    pending or dead-lettered."""
 
     requested: int
     issued: int

@@ -1,4 +1,6 @@
-"""The invariants of DESIGN §9, checked against MySQL and Redis after a test moved coupons."""
+"""The drop's invariants (I1 no oversell, I2 one row per user, I3 every accepted request
+a row or dead-lettered, I5 the counters close, I6 issued_quantity = rows), checked against
+MySQL and Redis after a test moved coupons."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Contention: thousands of users clicking at once through the HTTP gateway, then a drain.
 
-The seed never checked the outcome of its load runs (seed-anchor.md §10.20). Here every answer
+The original Java system never checked the outcome of its load runs. Here every answer
 is recorded and the end state is compared with it: exactly the total issued, one row per
 winner, a row for every 202 and none for anyone who was only refused, and no 5xx at all.
 """

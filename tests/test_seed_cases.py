@@ -1,7 +1,7 @@
-"""The seed's behaviour tests, translated to this design (seed-anchor.md §8).
+"""The seed's behaviour tests, translated to this design.
 
 Every test names the seed case it translates and cites the seed test (class + method) in its
-docstring. Where this design deliberately differs from the seed (seed-anchor.md §10), the test
+docstring. Where this design deliberately differs from the seed, the test
 asserts the new behaviour and its docstring says so.
 
 Mapping (seed class -> tests here):

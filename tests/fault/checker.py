@@ -1,5 +1,5 @@
 """The checker: what the clients saw (a :class:`~tests.fault.load.History`) against what MySQL
-and Redis hold once the system drained, invariants I1–I7 of DESIGN §9.
+and Redis hold once the system drained: the invariants I1–I7 listed below.
 
 It reads the stores through :meth:`tests.invariants.Checker.snapshot` and judges every user by
 the strongest answer they got (ok > unknown > fail):
