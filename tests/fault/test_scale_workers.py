@@ -64,6 +64,9 @@ async def _catch_holding_entries(
     A worker spends most of its time blocked in XREADGROUP, and a frozen reader is still served
     by Redis: the next entries go into its pending list. Frozen in the short step between an
     XACK and its next read it would hold nothing, so it is let go and frozen again (bounded).
+    Let go means: until it has committed another batch. A SIGCONT followed at once by the next
+    SIGSTOP would freeze it again at the very same point on a busy machine, where the process
+    is not scheduled in between (that made this test fail in CI, five times at one spot).
     """
     held: set[str] = set()
 
@@ -76,7 +79,13 @@ async def _catch_holding_entries(
         try:
             await wait_until(holds_entries, within=2.0, what=f"{worker.consumer} holds entries")
         except AssertionError:
+            committed_when_frozen = _committed(worker)
             worker.send(signal.SIGCONT)
+
+            async def moved_on() -> bool:
+                return _committed(worker) > committed_when_frozen
+
+            await wait_until(moved_on, within=10.0, what=f"{worker.consumer} commits again")
             continue
         return held
     raise AssertionError(
