@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 import structlog
-import uvloop
-from aiohttp import web
 
-from gateway import processes
+from gateway import listener, processes
 from gateway.app import create_app
 from shared import logging as shared_logging
 from shared import metrics
@@ -46,17 +44,13 @@ def main() -> None:
         admin_port=settings.admin_port or None,
     )
     try:
-        web.run_app(
-            create_app(settings),
-            host=settings.http_host,
-            port=settings.http_port,
-            access_log=None,
-            print=None,
-            reuse_port=one_of_many,
+        sock = listener.listening_socket(
+            settings.http_host,
+            settings.http_port,
             backlog=settings.listen_backlog,
-            shutdown_timeout=settings.shutdown_grace_seconds,
-            loop=uvloop.new_event_loop(),
+            reuse_port=one_of_many,
         )
+        listener.serve(create_app(settings), sock, shutdown_timeout=settings.shutdown_grace_seconds)
     except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys
         print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,6 +14,7 @@ from gateway.auth import Authenticator
 from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer
 from gateway.issuing import Issuer
+from gateway.listener import EagerAcceptSite, listening_socket
 from gateway.problems import problem_middleware
 from gateway.ratelimit import Limits
 from gateway.snapshots import SnapshotCache
@@ -101,14 +102,13 @@ async def _admin_listener_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     await runner.setup()
     try:
-        site = web.TCPSite(
-            runner,
+        sock = listening_socket(
             settings.admin_host,
             settings.admin_port,
             backlog=settings.listen_backlog,
             reuse_port=settings.gateway_processes > 1,
         )
-        await site.start()
+        await EagerAcceptSite(runner, sock).start()
         log.info("admin_listening", host=settings.admin_host, port=settings.admin_port)
         yield
     finally:

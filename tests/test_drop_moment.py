@@ -5,13 +5,17 @@ sample of their requests while every other route logs each one."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import aiohttp
 import orjson
+import uvloop
+from aiohttp import web
 
+from gateway.listener import EagerAcceptSite, listening_socket
 from tests.helpers import REPO, child_env, drain, free_port, wait_for
 
 SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())
@@ -97,3 +101,67 @@ async def test_listen_backlog_is_applied_and_hot_routes_log_a_sample(
     assert {r["request_id"] for r in lines if r["route"] == "/healthz"} >= {"h-1"}
     await drain(redis, pool, settings)
     await check_invariants(coupon, accepted=accepted, rejected={4, 5})
+
+
+def _accept_queue_length(port: int) -> int:
+    """Connections the kernel holds for the socket listening on ``port``, not yet accepted
+    (``/proc/net/tcp``: a listening socket's rx_queue is its accept queue)."""
+    local = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[3] == "0A":  # 0A: LISTEN
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+async def _read_to_end(loop: asyncio.AbstractEventLoop, client: socket.socket) -> bytes:
+    chunks = []
+    while chunk := await loop.sock_recv(client, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_flood_of_queued_connections_is_accepted_at_the_first_wake_up():
+    """The first seconds of a drop, in small: 300 clients connected and sent their request
+    before the server looked. uvloop's own accept takes one connection per loop iteration (the
+    rest waited seconds in the kernel's queue while the loop served the first ones); the
+    gateway's listener takes them all at its first wake-up, so when the first request is
+    handled nothing is left in the queue, and every client is answered."""
+    clients_count = 300
+
+    async def scenario() -> tuple[list[int], list[bytes]]:
+        queue_when_handled: list[int] = []
+
+        async def handler(request: web.Request) -> web.Response:
+            queue_when_handled.append(_accept_queue_length(port))
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_get("/", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        sock = listening_socket("127.0.0.1", 0, backlog=1024, reuse_port=False)
+        port = sock.getsockname()[1]
+        loop = asyncio.get_running_loop()
+        # The kernel completes each handshake and queues the connection; nobody accepts yet.
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(clients_count)]
+        try:
+            for client in clients:
+                client.sendall(b"GET / HTTP/1.1\r\nHost: drop\r\nConnection: close\r\n\r\n")
+                client.setblocking(False)
+            assert _accept_queue_length(port) == clients_count
+            await EagerAcceptSite(runner, sock).start()
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(_read_to_end(loop, client) for client in clients)), timeout=30
+            )
+        finally:
+            for client in clients:
+                client.close()
+            await runner.cleanup()
+        return queue_when_handled, answers
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        queue_when_handled, answers = runner.run(scenario())
+    assert len(queue_when_handled) == clients_count
+    assert queue_when_handled[0] == 0, queue_when_handled[:10]
+    assert all(answer.startswith(b"HTTP/1.1 200 OK") for answer in answers)
