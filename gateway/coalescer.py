@@ -16,7 +16,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared import metrics
-from shared.scripts import BatchOutcome, Reservation, Scripts
+from shared.scripts import BatchOutcome, IssueResult, Reservation, Scripts
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +97,8 @@ class Coalescer:
                 _settle(batch, error=StateMissing(coupon_id))
             else:
                 _settle(batch, results=outcome.reservations)
+                if outcome.remaining == 0:
+                    self._answer_waiting_sold_out(coupon_id, outcome.redis_time_ms)
         finally:
             queue = self._queues[coupon_id]
             queue.in_flight = False
@@ -104,6 +106,21 @@ class Coalescer:
                 self._flush(coupon_id)
             elif not queue.scheduled:
                 del self._queues[coupon_id]
+
+    def _answer_waiting_sold_out(self, coupon_id: int, decided_ms: int) -> None:
+        """Redis just said the stock is gone: the requests queued behind that call get "sold
+        out" now, as the fast path answers every later one, instead of each waiting its turn
+        for a call that can only say the same. At the drop's sell-out moment thousands wait
+        there; each further call would cost them a full round of the busy loop."""
+        queue = self._queues[coupon_id]
+        waiting, queue.waiting = queue.waiting, []
+        sold_out = Reservation(IssueResult.SOLD_OUT, "", decided_ms)
+        _settle(waiting, results=[sold_out] * len(waiting))
+
+    def waiting(self, coupon_id: int) -> int:
+        """Requests of the coupon queued for the next call (not the one in flight)."""
+        queue = self._queues.get(coupon_id)
+        return len(queue.waiting) if queue is not None else 0
 
     def oldest_wait(self, now: float) -> float:
         """Seconds the oldest request still waiting for its reservation has waited (0 when

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from mirakuru import TCPExecutor
 from redis.asyncio import Redis
 
+from gateway import appkeys
 from gateway.app import create_app
 from shared import coupons, keys, redis_client
 from shared.coupons import Coupon
@@ -465,6 +467,48 @@ async def test_concurrent_requests_share_few_script_calls(
     assert len(snap.rows) == len(users) + 1
     # Each row carries the request id its 202 announced.
     assert {snap.rows[user] for user in users} == set(request_ids)
+
+
+async def test_requests_queued_behind_the_call_that_sells_out_get_sold_out_without_a_call(
+    client: Client,
+    redis: Redis,
+    pool: aiomysql.Pool,
+    settings: Settings,
+    make_coupon: CouponFactory,
+    check_invariants: Checker,
+) -> None:
+    """The sell-out moment of a drop: thousands wait behind the call that takes the last
+    coupon. That call's answer (nothing left) settles them all at once, instead of each
+    waiting for a further call that could only say the same."""
+    coupon = await make_coupon(total=2)
+    assert (await issue(client, coupon.id, 1))[0] == 202  # snapshot and script warm
+    coalescer = client.app[appkeys.COALESCER]
+    calls_before = await evalsha_calls(redis)
+    # Redis holds writes: the call for user 2 (the last coupon) stays in flight, the next
+    # requests queue behind it.
+    await redis.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+    try:
+        last = asyncio.create_task(issue(client, coupon.id, 2))
+
+        async def in_flight() -> bool:
+            return coalescer.oldest_wait(time.monotonic()) > 0 and not coalescer.waiting(coupon.id)
+
+        await wait_for(in_flight)
+        queued_users = range(10, 60)
+        queued = [asyncio.create_task(issue(client, coupon.id, user)) for user in queued_users]
+
+        async def all_queued() -> bool:
+            return coalescer.waiting(coupon.id) == len(queued_users)
+
+        await wait_for(all_queued)
+    finally:
+        await redis.execute_command("CLIENT", "UNPAUSE")
+    assert (await last)[0] == 202
+    for status, body in await asyncio.gather(*queued):
+        assert (status, body["code"]) == (409, "INVALID_COUPON_ISSUE_QUANTITY"), body
+    assert await evalsha_calls(redis) - calls_before == 1
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted={1, 2}, rejected=set(queued_users))
 
 
 # --------------------------------------------------------------------------------------------
