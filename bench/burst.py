@@ -9,9 +9,12 @@ costs on this machine and nothing else. Two workers run during the gateway's bur
 production, and drain the drop afterwards; then its invariants are checked.
 
 Per run: the rate of answers, p50/p99 latency, the failed requests (timeouts, socket errors,
-5xx) and the kernel's listen-queue overflows during the run (``TcpExtListenOverflows``, which
-counts SYNs and connections dropped because an accept queue was full; it is system-wide, and
-nothing else on the box opens connections meanwhile).
+5xx, and connections never accepted), the kernel's listen-queue overflows during the run
+(``TcpExtListenOverflows``, which counts SYNs and connections dropped because an accept queue
+was full; it is system-wide, and nothing else on the box opens connections meanwhile), and the
+server's accept queue, sampled every 0.2 s: its longest, and what was still in it when the run
+ended. A connection still queued then never got an answer in the whole run, and wrk counts it
+nowhere (its timeout check does not fire before the end), so it is counted as failed here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import re
 import resource
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,6 +76,8 @@ class BurstRun:
     socket_errors: int
     status_5xx: int
     listen_overflows: int
+    accept_queue_max: int
+    never_accepted: int
     statuses: dict[str, int]
 
 
@@ -83,6 +89,42 @@ def listen_overflows() -> int:
             table = dict(zip(names.split()[1:], values.split()[1:], strict=True))
             return int(table.get("ListenOverflows", 0))
     return 0
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting to be accepted on ``port``, summed over its listening sockets
+    (several with ``SO_REUSEPORT``): a listening socket's rx_queue in ``/proc/net/tcp``."""
+    suffix = f":{port:04X}"
+    waiting = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(suffix) and fields[3] == "0A":  # 0A: LISTEN
+            waiting += int(fields[4].split(":")[1], 16)
+    return waiting
+
+
+class AcceptQueueSampler:
+    """Samples :func:`accept_queue` in a thread while a run lasts."""
+
+    def __init__(self, port: int, every: float = 0.2) -> None:
+        self._port = port
+        self._every = every
+        self._stop = threading.Event()
+        self.samples: list[int] = []
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> AcceptQueueSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(accept_queue(self._port))  # after the run: never accepted
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._every):
+            self.samples.append(accept_queue(self._port))
 
 
 def raise_open_files_limit(needed: int) -> None:
@@ -107,25 +149,39 @@ def start_bare(running: Stack, processes: int) -> Service:
     return Service(url, port, procs)
 
 
-def wrk_burst(
-    running: Stack, url: str, path: str, body: str, profile: BurstProfile
-) -> tuple[dict[str, Any], dict[str, int], int]:
-    """One burst: (wrk's summary, statuses, listen overflows during it)."""
+@dataclass(frozen=True)
+class Measured:
+    summary: dict[str, Any]
+    """wrk's own numbers (bench/lua/issue.lua prints them)."""
+    statuses: dict[str, int]
+    overflows: int
+    accept_queue_max: int
+    never_accepted: int
+
+
+def wrk_burst(running: Stack, url: str, path: str, body: str, profile: BurstProfile) -> Measured:
+    """One burst, with the kernel's view of the server's listen queue during it."""
     argv = [
         find_binary("wrk"), "-t1", f"-c{profile.connections}", f"-d{profile.seconds}s",
         "--timeout", f"{profile.timeout_seconds}s", "-s", str(LUA), url,
     ]  # fmt: skip
     env = dict(os.environ, BENCH_PATH=path, BENCH_BODY=body, BENCH_UID_MAX="10000000")
     before = listen_overflows()
-    proc: Proc = running.spawn(f"wrk-burst-{time.monotonic_ns()}", argv, env=env)
-    proc.popen.wait(timeout=profile.seconds + profile.timeout_seconds + 60)
+    with AcceptQueueSampler(int(url.rsplit(":", 1)[1])) as queue:
+        proc: Proc = running.spawn(f"wrk-burst-{time.monotonic_ns()}", argv, env=env)
+        proc.popen.wait(timeout=profile.seconds + profile.timeout_seconds + 60)
     overflows = listen_overflows() - before
     output = proc.log_path.read_text()
     if proc.popen.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.popen.returncode}): {output[-1000:]}")
     statuses = json.loads(_line(output, "BENCH_STATUS"))
-    summary = json.loads(_line(output, "BENCH_SUMMARY"))
-    return summary, {str(k): int(v) for k, v in statuses.items()}, overflows
+    return Measured(
+        summary=json.loads(_line(output, "BENCH_SUMMARY")),
+        statuses={str(k): int(v) for k, v in statuses.items()},
+        overflows=overflows,
+        accept_queue_max=max(queue.samples),
+        never_accepted=queue.samples[-1],
+    )
 
 
 def _line(output: str, tag: str) -> str:
@@ -135,16 +191,17 @@ def _line(output: str, tag: str) -> str:
     return match.group(1)
 
 
-def _run(
-    target: str, route: str, processes: int, measured: tuple[dict[str, Any], dict[str, int], int]
-) -> BurstRun:
-    summary, statuses, overflows = measured
+def _run(target: str, route: str, processes: int, measured: Measured) -> BurstRun:
+    summary, statuses = measured.summary, measured.statuses
     seconds = summary["duration_us"] / 1e6
     timeouts = int(summary["errors_timeout"])
     socket_errors = sum(int(summary[k]) for k in ("errors_connect", "errors_read", "errors_write"))
     status_5xx = sum(n for code, n in statuses.items() if code.isdigit() and int(code) >= 500)
-    failed = timeouts + socket_errors + status_5xx
-    attempted = int(summary["requests"]) + timeouts + int(summary["errors_connect"])
+    failed = timeouts + socket_errors + status_5xx + measured.never_accepted
+    attempted = (
+        int(summary["requests"]) + timeouts + int(summary["errors_connect"])
+        + measured.never_accepted
+    )  # fmt: skip
     return BurstRun(
         target=target,
         route=route,
@@ -158,7 +215,9 @@ def _run(
         timeouts=timeouts,
         socket_errors=socket_errors,
         status_5xx=status_5xx,
-        listen_overflows=overflows,
+        listen_overflows=measured.overflows,
+        accept_queue_max=measured.accept_queue_max,
+        never_accepted=measured.never_accepted,
         statuses=statuses,
     )
 
@@ -248,7 +307,8 @@ def _log(round_number: int, run: BurstRun) -> None:
     print(
         f"==> burst round {round_number} {run.target:7} {run.route:6} x{run.processes}:"
         f" {run.rps:8,.0f} req/s p50 {run.p50_ms:7.1f} ms p99 {run.p99_ms:7.1f} ms"
-        f" failed {run.failed} ({run.failed_pct:.3f} %) overflows {run.listen_overflows}",
+        f" failed {run.failed} ({run.failed_pct:.3f} %) overflows {run.listen_overflows}"
+        f" accept queue max {run.accept_queue_max} never accepted {run.never_accepted}",
         flush=True,
     )
 
@@ -273,8 +333,10 @@ def summarise(
             "failed": sum(r.failed for r in group),
             "failed_pct": 100
             * sum(r.failed for r in group)
-            / max(sum(r.requests + r.timeouts for r in group), 1),
+            / max(sum(r.requests + r.timeouts + r.never_accepted for r in group), 1),
             "listen_overflows": max(r.listen_overflows for r in group),
+            "accept_queue_max": max(r.accept_queue_max for r in group),
+            "never_accepted": sum(r.never_accepted for r in group),
             "rps_vs_bare": statistics.median(
                 r.rps / b.rps for r, b in zip(group, bare, strict=True)
             ),

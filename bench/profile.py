@@ -82,10 +82,10 @@ async def profile(
             # Two samplers at once: the SVG to look at, the collapsed stacks to summarise.
             stacks = svg.with_suffix(".txt")
             spies = []
-            for fmt, out in (("flamegraph", svg), ("raw", stacks)):
+            for fmt, output in (("flamegraph", svg), ("raw", stacks)):
                 spy = await asyncio.create_subprocess_exec(
                     _py_spy(), "record", "--pid", str(pid), "--duration", str(seconds),
-                    "--rate", "200", "--nonblocking", "--format", fmt, "--output", str(out),
+                    "--rate", "200", "--nonblocking", "--format", fmt, "--output", str(output),
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
                 )  # fmt: skip
                 spies.append(spy)

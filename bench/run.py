@@ -638,9 +638,10 @@ def burst_table(results: dict[str, Any]) -> list[str]:
     p = data["profile"]
     lines = [
         f"burst: {p['connections']:,} connections at once, {p['seconds']} s, coupon of"
-        f" {p['stock']:,}, random user ids (medians of {p['rounds']} rounds)",
+        f" {p['stock']:,}, random user ids (medians of {p['rounds']} rounds); queued: the"
+        " longest accept queue, never: connections never accepted (counted as failed)",
         f"{'target':24} {'req/s':>8} {'x bare':>6} {'p50 ms':>8} {'p99 ms':>8} {'x bare':>6}"
-        f" {'failed':>8} {'failed %':>9} {'overflows':>9}",
+        f" {'failed':>8} {'failed %':>9} {'overflows':>9} {'queued':>6} {'never':>6}",
     ]
     for row in data["table"].values():
         label = f"{row['target']} {row['route']} x{row['processes']}"
@@ -648,6 +649,7 @@ def burst_table(results: dict[str, Any]) -> list[str]:
             f"{label:24} {row['rps']:8,.0f} {row['rps_vs_bare']:6.2f} {row['p50_ms']:8.1f}"
             f" {row['p99_ms']:8.1f} {row['p99_vs_bare']:6.2f} {row['failed']:8,}"
             f" {row['failed_pct']:9.3f} {row['listen_overflows']:9,}"
+            f" {row['accept_queue_max']:6,} {row['never_accepted']:6,}"
         )
     for route in burst.ROUTES:
         verdicts = []

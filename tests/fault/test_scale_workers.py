@@ -82,8 +82,8 @@ async def _catch_holding_entries(
             committed_when_frozen = _committed(worker)
             worker.send(signal.SIGCONT)
 
-            async def moved_on() -> bool:
-                return _committed(worker) > committed_when_frozen
+            async def moved_on(frozen_at: int = committed_when_frozen) -> bool:
+                return _committed(worker) > frozen_at
 
             await wait_until(moved_on, within=10.0, what=f"{worker.consumer} commits again")
             continue
