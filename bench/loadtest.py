@@ -141,6 +141,34 @@ async def gateway_outcomes(session: aiohttp.ClientSession, url: str) -> dict[str
     return counts
 
 
+async def gateway_latency(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    """The gateway's own view of the issue routes' latency (``coupon_http_request_duration
+    _seconds``, summed over routes and status classes): the time from its middleware's start
+    to the response, without the time a request waits before the gateway reads it."""
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    buckets: dict[float, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        if family.name != "coupon_http_request_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and "issue" in sample.labels["route"]:
+                buckets[float(sample.labels["le"])] += sample.value
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]] if bounds else 0.0
+
+    def quantile_bound(q: float) -> float | None:
+        """The smallest bucket bound that holds the q-th share of the requests."""
+        return next((b for b in bounds if total and buckets[b] >= q * total), None)
+
+    return {
+        "requests": int(total),
+        "p50_at_most_s": quantile_bound(0.5),
+        "p99_at_most_s": quantile_bound(0.99),
+        "over_1s": int(total - buckets.get(1.0, total)),
+    }
+
+
 # -- locust output -----------------------------------------------------------------------------
 
 
@@ -287,6 +315,7 @@ async def _drop(
             if left:
                 log(f"    still {left} pending after 120 s")
             gateway_counts = await gateway_outcomes(session, gateway.url)
+            server_latency = await gateway_latency(session, gateway.url)
         seen, rows = locust_outcomes(report / "locust_final.json")
         accepted = read_users(clients, "accepted")
         unknown = read_users(clients, "unknown")
@@ -324,6 +353,7 @@ async def _drop(
         "counts_match": not mismatched,
         "mismatched": mismatched,
         "locust_rows": rows,
+        "gateway_latency": server_latency,
         "gateway_url": gateway.url,
         "machine": machine(),
         "ok": invariants.ok and not mismatched and told_accepted == len(set(accepted)),
@@ -369,6 +399,7 @@ def write_summary(report: Path, args: argparse.Namespace, result: dict[str, Any]
     inv = result["invariants"]
     rows = result["locust_rows"]
     total = rows.get("Aggregated", {})
+    lat = result["gateway_latency"]
     lines = [
         f"# Load test {report.name}",
         "",
@@ -384,6 +415,10 @@ def write_summary(report: Path, args: argparse.Namespace, result: dict[str, Any]
         f"- requests: {total.get('requests', 0):,} at {total.get('rps', 0):,.0f} req/s;"
         f" latency p50 {total.get('p50_ms', '?')} ms, p95 {total.get('p95_ms', '?')} ms,"
         f" p99 {total.get('p99_ms', '?')} ms, max {total.get('max_ms', 0):.0f} ms",
+        f"- the gateway's own latency of the issue routes (its histogram, from its middleware to"
+        f" the response): p50 <= {lat['p50_at_most_s']} s, p99 <= {lat['p99_at_most_s']} s,"
+        f" {lat['over_1s']:,} of {lat['requests']:,} requests over 1 s; locust's figures add"
+        " the time a request waits in the client and the kernel",
         f"- told accepted: {result['accepted_told']:,}; unknown answers (5xx, resets,"
         f" timeouts): {result['unknown']:,}; dead-lettered: {inv['dead_lettered']}",
         "",
