@@ -98,7 +98,10 @@ async def _admin_listener_ctx(app: web.Application) -> AsyncIterator[None]:
     admin_app[appkeys.REDIS] = app[appkeys.REDIS]
     admin_app[appkeys.MYSQL] = app[appkeys.MYSQL]
     runner = web.AppRunner(
-        admin_app, access_log=None, shutdown_timeout=settings.shutdown_grace_seconds
+        admin_app,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        keepalive_timeout=75.0,  # as the public listener; aiohttp's own default is an hour
     )
     await runner.setup()
     try:

@@ -129,7 +129,10 @@ async def _serve(app: web.Application, sock: socket.socket, shutdown_timeout: fl
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    # run_app's keep-alive; aiohttp's own default (AppRunner's) is an hour.
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=shutdown_timeout, keepalive_timeout=75.0
+    )
     await runner.setup()  # on_startup and cleanup_ctx: Redis, MySQL, the admin listener
     try:
         await EagerAcceptSite(runner, sock).start()
