@@ -50,7 +50,7 @@ def main() -> None:
             loop=uvloop.new_event_loop(),
         )  # fmt: skip
     else:
-        serve(app, sock, shutdown_timeout=1.0)
+        serve(app, sock, shutdown_timeout=1.0, keepalive_timeout=75.0)
 
 
 if __name__ == "__main__":

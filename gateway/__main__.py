@@ -50,7 +50,14 @@ def main() -> None:
             backlog=settings.listen_backlog,
             reuse_port=one_of_many,
         )
-        listener.serve(create_app(settings), sock, shutdown_timeout=settings.shutdown_grace_seconds)
+        listener.serve(
+            create_app(settings),
+            sock,
+            shutdown_timeout=settings.shutdown_grace_seconds,
+            keepalive_timeout=settings.keepalive_timeout_seconds,
+            # A client that stalled in its body has had its time already.
+            lingering_time=settings.body_read_timeout_seconds,
+        )
     except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys
         print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

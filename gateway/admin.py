@@ -18,7 +18,12 @@ routes = web.RouteTableDef()
 
 
 def require_admin(request: web.Request) -> None:
-    """Refuse unless the bearer token matches; with no token configured, refuse everything."""
+    """Refuse unless the bearer token matches; with no token configured, refuse everything.
+
+    The path must say ``/admin/`` literally: aiohttp decodes ``/%61dmin/`` to ``/admin/``, and
+    a proxy that keeps the admin routes off the internet by prefix would let it through."""
+    if not request.raw_path.startswith("/admin/"):
+        raise web.HTTPNotFound()
     expected = request.app[appkeys.SETTINGS].admin_token
     header = request.headers.get("Authorization", "")
     scheme, _, presented = header.partition(" ")

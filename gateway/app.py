@@ -54,7 +54,11 @@ async def _mysql_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    snapshots = SnapshotCache(app[appkeys.REDIS], ttl=settings.snapshot_ttl_seconds)
+    snapshots = SnapshotCache(
+        app[appkeys.REDIS],
+        ttl=settings.snapshot_ttl_seconds,
+        max_entries=settings.snapshot_cache_size,
+    )
     coalescer = Coalescer(
         app[appkeys.SCRIPTS],
         max_batch=settings.coalesce_max_batch,
@@ -101,7 +105,8 @@ async def _admin_listener_ctx(app: web.Application) -> AsyncIterator[None]:
         admin_app,
         access_log=None,
         shutdown_timeout=settings.shutdown_grace_seconds,
-        keepalive_timeout=75.0,  # as the public listener; aiohttp's own default is an hour
+        keepalive_timeout=settings.keepalive_timeout_seconds,
+        lingering_time=settings.body_read_timeout_seconds,
     )
     await runner.setup()
     try:
@@ -127,6 +132,8 @@ def create_admin_app(settings: Settings) -> web.Application:
     )
     app[appkeys.SETTINGS] = settings
     app.add_routes(admin.routes)
+    if settings.ops_on_admin_port:
+        _add_ops_routes(app)
     return app
 
 
@@ -148,8 +155,15 @@ def create_app(settings: Settings) -> web.Application:
     else:
         app.add_routes(admin.routes)
     metrics.init_gateway_series()
+    if not settings.ops_on_admin_port:
+        _add_ops_routes(app)
+    return app
+
+
+def _add_ops_routes(app: web.Application) -> None:
+    """``/metrics`` and ``/openapi.json`` (which lists the admin routes): on the public listener
+    by default, on the admin listener alone with ``COUPON_OPS_ON_ADMIN_PORT``."""
     # Several processes on one port: any scrape must sum them all (see shared.metrics).
     multi_process = metrics.multiprocess_dir() is not None
     app.router.add_get("/metrics", _all_processes_metrics if multi_process else server_stats)
     app.router.add_get("/openapi.json", openapi.openapi_json)
-    return app

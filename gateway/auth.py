@@ -14,6 +14,7 @@ the per-client-address limit, then the identity, then the per-user limit.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jwt
@@ -49,6 +50,7 @@ class Authenticator:
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
         self._leeway = settings.jwt_leeway_seconds
+        self._max_lifetime = settings.jwt_max_lifetime_seconds
         required = ["exp", "sub"]
         required += ["aud"] if settings.jwt_audience is not None else []
         required += ["iss"] if settings.jwt_issuer is not None else []
@@ -99,6 +101,9 @@ class Authenticator:
             )
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise _invalid_token(_describe(exc)) from None
+        # A stolen token must not work for ever: refuse one that expires too far ahead.
+        if float(claims["exp"]) - time.time() > self._max_lifetime + self._leeway:
+            raise _invalid_token("the token expires later than this service allows")
         subject = claims.get("sub")
         # A canonical decimal id only: "042", "+42" or " 42" would name the same user twice.
         if (

@@ -25,6 +25,11 @@ import socket
 import structlog
 import uvloop
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
+
+from gateway.problems import SERVER, problem_response
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +55,42 @@ def listening_socket(host: str, port: int, *, backlog: int, reuse_port: bool) ->
         sock.close()
         raise
     return sock
+
+
+class ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, except for the answer to a request it cannot parse (or
+    an error outside every middleware): a fixed problem+json body per status instead of
+    aiohttp's text, which repeats the offending bytes (a 100 KB header came back whole), and
+    a log line that names the error's class, not its text."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        # Logged by class only: aiohttp's own line would hold the attacker's bytes (a 100 KB
+        # header per request fills a disk).
+        if status < 500:
+            log.warning("http_error", status=status, error=type(exc).__name__ if exc else None)
+        else:  # outside every middleware: keep the traceback (rendered without locals)
+            log.error("http_error", status=status, exc_info=exc)
+        if request.writer.output_size > 0:  # part of an answer is out: nothing more to send
+            raise ConnectionError("the response was already started")
+        if status < 500:
+            response = problem_response(
+                status, "INVALID_REQUEST", "Malformed HTTP request",
+                "the request could not be parsed as HTTP/1.1",
+            )  # fmt: skip
+        else:
+            response = problem_response(
+                status, "FAIL_COUPON_ISSUE_REQUEST", "Internal error",
+                "An unexpected error occurred; it has been logged.",
+            )  # fmt: skip
+        response.headers["Server"] = SERVER
+        response.force_close()
+        return response
 
 
 class EagerAcceptSite(web.BaseSite):
@@ -108,30 +149,54 @@ class EagerAcceptSite(web.BaseSite):
         self._loop.add_reader(self._sock.fileno(), self._accept_queued)
 
     async def _connect(self, conn: socket.socket) -> None:
-        assert self._loop is not None
-        assert self._runner.server is not None
+        loop, server = self._loop, self._runner.server
+        assert loop is not None
+        assert server is not None
         try:
-            await self._loop.connect_accepted_socket(self._runner.server, conn)
+            # aiohttp's Server builds a RequestHandler with the runner's options (its _kwargs:
+            # keep-alive, access log); ours differs only in how it answers unparsable requests.
+            await loop.connect_accepted_socket(
+                lambda: ProblemRequestHandler(server, loop=loop, **server._kwargs), conn
+            )
         except OSError:  # reset between accept and hand-over: nothing to serve
             conn.close()
 
 
-def serve(app: web.Application, sock: socket.socket, *, shutdown_timeout: float) -> None:
+def serve(
+    app: web.Application,
+    sock: socket.socket,
+    *,
+    shutdown_timeout: float,
+    keepalive_timeout: float,
+    lingering_time: float = 10.0,
+) -> None:
     """Serve ``app`` on ``sock`` under uvloop until SIGTERM or SIGINT, then shut down as
     ``web.run_app`` does: stop listening, let requests in flight finish within
-    ``shutdown_timeout``, run the application's cleanup, cancel what is left."""
+    ``shutdown_timeout``, run the application's cleanup, cancel what is left. An idle
+    connection is closed after ``keepalive_timeout`` (aiohttp's own default is an hour); after
+    an answer that left part of the body unread, the rest is read (and dropped) for at most
+    ``lingering_time`` before the connection closes."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(app, sock, shutdown_timeout))
+        runner.run(_serve(app, sock, shutdown_timeout, keepalive_timeout, lingering_time))
 
 
-async def _serve(app: web.Application, sock: socket.socket, shutdown_timeout: float) -> None:
+async def _serve(
+    app: web.Application,
+    sock: socket.socket,
+    shutdown_timeout: float,
+    keepalive_timeout: float,
+    lingering_time: float,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    # run_app's keep-alive; aiohttp's own default (AppRunner's) is an hour.
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=shutdown_timeout, keepalive_timeout=75.0
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=keepalive_timeout,
+        lingering_time=lingering_time,
     )
     await runner.setup()  # on_startup and cleanup_ctx: Redis, MySQL, the admin listener
     try:

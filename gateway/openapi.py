@@ -352,10 +352,10 @@ SCHEMAS: Json = {
         {
             "ready": {"type": "boolean"},
             "redis": {
-                "type": "string",
-                "description": "ok, state_lost (run couponctl rebuild), or the error's class name",
+                "enum": ["ok", "state_lost", "unreachable"],
+                "description": "state_lost: run couponctl rebuild",
             },
-            "mysql": {"type": "string", "description": "ok, or the error's class name"},
+            "mysql": {"enum": ["ok", "unreachable"]},
         }
     ),
 }

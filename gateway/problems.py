@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import itertools
-import os
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -15,17 +15,23 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Histogram
+from pymysql.err import MySQLError
+from redis.exceptions import RedisError
 
 from shared import metrics
-from shared.errors import AppError
+from shared.errors import AppError, Unavailable
 
 log = structlog.get_logger("gateway.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PROBLEM_TYPE = "https://coupon-drop.example/problems/"
-_request_ids = itertools.count(1)
-_prefix = f"{os.getpid():x}"
+SERVER = "coupon-gateway"
+"""The ``Server`` header of every answer: no version for an attacker to look up."""
+
+# A store that fails a request the route did not handle itself (an admin route during a MySQL
+# or Redis outage): a 503 the client may retry, never a 500 with the driver's words.
+STORE_ERRORS = (RedisError, MySQLError, OSError, asyncio.TimeoutError)
 
 
 def problem_response(
@@ -56,9 +62,12 @@ def _problem_body(status: int, code: str, title: str, detail: str) -> bytes:
 
 
 def render(error: AppError) -> web.Response:
-    return problem_response(
+    response = problem_response(
         error.status, error.code, error.title, error.detail, headers=error.headers()
     )
+    if error.close_connection:
+        response.force_close()
+    return response
 
 
 def _http_code(status: int) -> str:
@@ -83,12 +92,13 @@ _SAMPLED_HANDLERS: set[Handler] = set()
 
 def request_id_of(request: web.Request) -> str:
     """The caller's ``X-Request-ID`` when it is printable ASCII (cut to 128 characters), else a
-    new one: the id is echoed in a header and written to the log, where anything else (a stray
-    ``\\xff`` byte) would break the answer or the line."""
+    new random one: the id is echoed in a header and written to the log, where anything else (a
+    stray ``\\xff`` byte) would break the answer or the line. Random, not a counter, so the ids
+    a client sees do not tell how many requests the service takes."""
     raw = request.headers.get("X-Request-ID")
     if raw and raw.isascii() and raw.isprintable():
         return raw[:128]
-    return f"{_prefix}-{next(_request_ids):x}"
+    return secrets.token_hex(8)
 
 
 def problem_middleware(sample: float) -> Middleware:
@@ -113,6 +123,12 @@ def problem_middleware(sample: float) -> Middleware:
                 exc.status, _http_code(exc.status), exc.reason, exc.text or exc.reason,
                 headers=allow,
             )  # fmt: skip
+        except STORE_ERRORS as exc:
+            log.warning(
+                "store_unavailable", request_id=request_id, path=request.path,
+                error=type(exc).__name__,
+            )  # fmt: skip
+            response = render(Unavailable("a data store did not answer; try again later"))
         except Exception:
             log.exception("unhandled_error", request_id=request_id, path=request.path)
             response = problem_response(
@@ -121,7 +137,9 @@ def problem_middleware(sample: float) -> Middleware:
                 "Internal error",
                 "An unexpected error occurred; it has been logged.",
             )
-        response.headers["X-Request-ID"] = request_id
+        headers = response.headers
+        headers["X-Request-ID"] = request_id
+        headers["Server"] = SERVER  # aiohttp would name itself, its version and Python's
         elapsed = time.perf_counter() - started
         match_info = request.match_info
         status = response.status

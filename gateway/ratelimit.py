@@ -149,7 +149,8 @@ def _address_key(address: str) -> str:
 
 
 class Limits:
-    """The two limits of the issue routes; either is off when its rate is 0."""
+    """The two limits of the issue routes, and the per-address limit of the public read routes
+    (coupon snapshot and request status); each is off when its rate is 0."""
 
     def __init__(self, settings: Settings) -> None:
         self.by_address = _limiter(
@@ -162,6 +163,11 @@ class Limits:
             settings.rate_limit_user_burst,
             settings.rate_limit_max_keys,
         )
+        self.by_reader = _limiter(
+            settings.rate_limit_read_per_second,
+            settings.rate_limit_read_burst,
+            settings.rate_limit_max_keys,
+        )
         self.addresses = ClientAddresses(settings.trusted_proxy_networks)
 
     def check_client(self, request: web.Request) -> None:
@@ -171,6 +177,15 @@ class Limits:
         if wait:
             raise RateLimited(
                 "too many issue requests from this client address", retry_after=math.ceil(wait)
+            )
+
+    def check_reader(self, request: web.Request) -> None:
+        if self.by_reader is None:
+            return
+        wait = self.by_reader.hit(self.addresses.key(request))
+        if wait:
+            raise RateLimited(
+                "too many read requests from this client address", retry_after=math.ceil(wait)
             )
 
     def check_user(self, user_id: int) -> None:

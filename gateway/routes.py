@@ -46,6 +46,7 @@ async def issue(request: web.Request) -> web.Response:
 @sampled_log
 async def issue_status(request: web.Request) -> web.Response:
     """pending, issued or failed, answered from Redis alone."""
+    request.app[appkeys.LIMITS].check_reader(request)
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
     user_id = parse_id(request.match_info["user_id"], "user_id")
     auth.check_user(request, user_id)
@@ -79,6 +80,7 @@ async def issue_status(request: web.Request) -> web.Response:
 @sampled_log
 async def coupon_snapshot(request: web.Request) -> web.Response:
     """The public view of a coupon: title, window, total, remaining, sold_out."""
+    request.app[appkeys.LIMITS].check_reader(request)
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
     redis = request.app[appkeys.REDIS]
     try:
@@ -108,13 +110,13 @@ async def readyz(request: web.Request) -> web.Response:
         async with asyncio.timeout(1.0):
             if not await redis.exists(keys.STATE_MARKER):
                 checks["redis"] = "state_lost"
-    except (RedisError, OSError, TimeoutError) as exc:
-        checks["redis"] = type(exc).__name__
+    except (RedisError, OSError, TimeoutError):
+        checks["redis"] = "unreachable"  # the exception's class is for the log, not the world
     try:
         async with asyncio.timeout(1.0):
             async with request.app[appkeys.MYSQL].acquire() as conn:
                 await conn.ping(reconnect=True)
-    except Exception as exc:
-        checks["mysql"] = type(exc).__name__
+    except Exception:  # any failure means "not ready"
+        checks["mysql"] = "unreachable"
     ready = all(value == "ok" for value in checks.values())
     return json_response({"ready": ready, **checks}, status=200 if ready else 503)

@@ -4,8 +4,9 @@ A snapshot is the coupon's ``{coupon:ID}:meta`` hash. Entries are dropped at onc
 ``coupons:changed`` message names their coupon (creation, change, a released slot), and all of
 them whenever the subscription drops, so a change reaches every gateway within a round trip.
 The TTL is only a safety net. Unknown ids are cached too (negative caching), so a flood of bad
-ids costs one Redis read per id per TTL and never reaches MySQL. The sold-out flag lets the
-gateway answer without a Redis round trip; the same messages clear it.
+ids costs one Redis read per id per TTL and never reaches MySQL; the cache holds at most
+``max_entries`` ids, so an enumeration of ids cannot fill the process's memory. The sold-out
+flag lets the gateway answer without a Redis round trip; the same messages clear it.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ _MISSES = metrics.SNAPSHOT_LOOKUPS.labels("miss")
 class SnapshotCache:
     """Coupon snapshots and sold-out flags for one gateway process."""
 
-    def __init__(self, redis: Redis, *, ttl: float) -> None:
+    def __init__(self, redis: Redis, *, ttl: float, max_entries: int) -> None:
         self._redis = redis
         self._ttl = ttl
+        self._max_entries = max_entries
         self._entries: dict[int, tuple[float, Coupon | None]] = {}
         self._sold_out: dict[int, float] = {}
         self._loading: dict[int, asyncio.Future[Coupon | None]] = {}
@@ -63,9 +65,23 @@ class SnapshotCache:
         finally:
             del self._loading[coupon_id]
         if generation == self._generation:
-            self._entries[coupon_id] = (now + self._ttl, coupon)
+            self._store(coupon_id, (now + self._ttl, coupon))
         future.set_result(coupon)
         return coupon
+
+    def _store(self, coupon_id: int, entry: tuple[float, Coupon | None]) -> None:
+        """Insert at the end; past the bound, drop the entry loaded longest ago. Every load
+        re-inserts, so the dict's order is load order, and the oldest load is the first key:
+        an LRU by load time without any bookkeeping on the hit path (a hand-written dict, not
+        cachetools, whose per-lookup expiry and recency updates would cost every request)."""
+        self._entries.pop(coupon_id, None)
+        self._entries[coupon_id] = entry
+        if len(self._entries) > self._max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def __len__(self) -> int:
+        """Ids held (found and unknown)."""
+        return len(self._entries)
 
     def invalidate(self, coupon_id: int | None = None) -> None:
         """Forget one coupon (or all of them, when pub/sub messages may have been missed)."""

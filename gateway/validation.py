@@ -3,13 +3,15 @@ Redis key is ever built from unvalidated input."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from gateway import appkeys
 from shared.coupons import MAX_ID
-from shared.errors import InvalidRequest
+from shared.errors import BodyTimeout, InvalidRequest
 
 
 def parse_id(raw: str, name: str) -> int:
@@ -31,8 +33,17 @@ def id_field(body: dict[str, Any], name: str) -> int:
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:
-    """The request body as a JSON object; the size limit is the app's ``client_max_size``."""
-    raw = await request.read()
+    """The request body as a JSON object; the size limit is the app's ``client_max_size``, the
+    time limit ``COUPON_BODY_READ_TIMEOUT_SECONDS`` (a client that sends half a body must not
+    hold a connection and a handler for ever)."""
+    if request.content.is_eof():  # the usual case: the body came with the headers
+        raw = await request.read()
+    else:
+        try:
+            async with asyncio.timeout(request.app[appkeys.SETTINGS].body_read_timeout_seconds):
+                raw = await request.read()
+        except TimeoutError:
+            raise BodyTimeout("the request body did not arrive in time") from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:

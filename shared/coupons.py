@@ -47,6 +47,15 @@ def from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+def _check_window(start: datetime, end: datetime) -> None:
+    """The window must hold at least one millisecond as Redis sees it (the reservation script
+    compares whole milliseconds): a shorter one would be accepted and never issue anything."""
+    if to_ms(start) >= to_ms(end):
+        raise InvalidRequest(
+            "date_issue_start must be before date_issue_end, by at least a millisecond"
+        )
+
+
 def utc_naive(moment: datetime) -> datetime:
     """The form MySQL stores: UTC without tzinfo."""
     return moment.astimezone(UTC).replace(tzinfo=None)
@@ -211,8 +220,7 @@ class NewCoupon:
             total = _int_field(body, "total_quantity", low=0, high=MAX_INT32, default=None)
         start = _datetime_field(body, "date_issue_start")
         end = _datetime_field(body, "date_issue_end")
-        if start >= end:
-            raise InvalidRequest("date_issue_start must be before date_issue_end")
+        _check_window(start, end)
         return cls(
             title=title,
             total_quantity=total,
@@ -265,8 +273,7 @@ class CouponChange:
 
     def apply(self, coupon: Coupon) -> Coupon:
         updated = dataclasses.replace(coupon, **self.changes)
-        if updated.date_issue_start >= updated.date_issue_end:
-            raise InvalidRequest("date_issue_start must be before date_issue_end")
+        _check_window(updated.date_issue_start, updated.date_issue_end)
         return updated
 
 

@@ -19,6 +19,8 @@ class AppError(Exception):
     # The ``coupon_issue_requests_total{outcome}`` an issue request that ends in this error
     # counts as (shared/metrics.py lists them all).
     outcome: ClassVar[str] = "unavailable"
+    # Close the connection after the answer (the request left the stream in an unknown state).
+    close_connection: ClassVar[bool] = False
 
     def __init__(self, detail: str | None = None) -> None:
         super().__init__(detail or self.title)
@@ -36,6 +38,14 @@ class InvalidRequest(AppError):
     code = "INVALID_REQUEST"
     outcome = "invalid"
     title = "Malformed request"
+
+
+class BodyTimeout(InvalidRequest):
+    """The body did not arrive within ``COUPON_BODY_READ_TIMEOUT_SECONDS``."""
+
+    status = 408
+    title = "The request body did not arrive in time"
+    close_connection = True
 
 
 class Unauthorized(AppError):

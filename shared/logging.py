@@ -19,6 +19,14 @@ _LEVELS = {
 }
 
 
+# A traceback never shows the frames' local variables: the connect frame of a database
+# driver holds the password, and any frame may hold a token or a key. structlog's
+# dict_tracebacks (and its rich console traceback, when rich is installed) would print them.
+_TRACEBACKS_WITHOUT_LOCALS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
+
+
 def configure(log_format: str = "auto", level: str = "info") -> None:
     """Configure structlog once per process. ``auto`` means console on a TTY, JSON otherwise."""
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
@@ -31,12 +39,17 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     if as_json:
         processors: list[structlog.types.Processor] = [
             *shared_processors,
-            structlog.processors.dict_tracebacks,
+            _TRACEBACKS_WITHOUT_LOCALS,
             structlog.processors.JSONRenderer(serializer=orjson.dumps),
         ]
         logger_factory: Any = structlog.BytesLoggerFactory(sys.stderr.buffer)
     else:
-        processors = [*shared_processors, structlog.dev.ConsoleRenderer(colors=False)]
+        processors = [
+            *shared_processors,
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
         logger_factory = structlog.PrintLoggerFactory(sys.stderr)
     structlog.configure(
         processors=processors,

@@ -155,9 +155,12 @@ class Settings:
     # Gateway
     redis_timeout_seconds: float = 0.5
     snapshot_ttl_seconds: float = 10.0
+    snapshot_cache_size: int = 10_000
     coalesce_max_batch: int = 512
     max_body_bytes: int = 4096
     listen_backlog: int = 4096
+    keepalive_timeout_seconds: float = 75.0
+    body_read_timeout_seconds: float = 10.0
     request_log_sample: float = 0.01
     shed_wait_target_ms: float = 500.0
     shed_wait_interval_ms: float = 1000.0
@@ -183,12 +186,16 @@ class Settings:
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
     jwt_leeway_seconds: float = 0.0
+    jwt_max_lifetime_seconds: float = 86_400.0
     admin_host: str = "127.0.0.1"
     admin_port: int = 0
+    ops_on_admin_port: bool = False
     rate_limit_ip_per_second: float = 0.0
     rate_limit_ip_burst: int = 0
     rate_limit_user_per_second: float = 0.0
     rate_limit_user_burst: int = 0
+    rate_limit_read_per_second: float = 0.0
+    rate_limit_read_burst: int = 0
     rate_limit_max_keys: int = 100_000
     trusted_proxies: str = ""
 
@@ -208,6 +215,7 @@ class Settings:
             "COUPON_COALESCE_MAX_BATCH": self.coalesce_max_batch,
             "COUPON_MAX_BODY_BYTES": self.max_body_bytes,
             "COUPON_LISTEN_BACKLOG": self.listen_backlog,
+            "COUPON_SNAPSHOT_CACHE_SIZE": self.snapshot_cache_size,
             "COUPON_BATCH_SIZE": self.batch_size,
             "COUPON_BLOCK_MS": self.block_ms,
             "COUPON_RECLAIM_IDLE_MS": self.reclaim_idle_ms,
@@ -227,6 +235,9 @@ class Settings:
             "COUPON_DISCOVERY_INTERVAL_SECONDS": (self.discovery_interval_seconds, False),
             "COUPON_MYSQL_RETRY_MAX_SECONDS": (self.mysql_retry_max_seconds, False),
             "COUPON_SHUTDOWN_GRACE_SECONDS": (self.shutdown_grace_seconds, True),
+            "COUPON_KEEPALIVE_TIMEOUT_SECONDS": (self.keepalive_timeout_seconds, False),
+            "COUPON_BODY_READ_TIMEOUT_SECONDS": (self.body_read_timeout_seconds, False),
+            "COUPON_JWT_MAX_LIFETIME_SECONDS": (self.jwt_max_lifetime_seconds, False),
         }
         for name, (seconds, zero_ok) in durations.items():
             if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
@@ -267,7 +278,9 @@ class Settings:
             self.http_port,
         ):
             raise ConfigError("COUPON_ADMIN_PORT must differ from COUPON_HTTP_PORT on one host")
-        for kind in ("IP", "USER"):
+        if self.ops_on_admin_port and not self.admin_port:
+            raise ConfigError("COUPON_OPS_ON_ADMIN_PORT needs COUPON_ADMIN_PORT")
+        for kind in ("IP", "USER", "READ"):
             rate = getattr(self, f"rate_limit_{kind.lower()}_per_second")
             burst = getattr(self, f"rate_limit_{kind.lower()}_burst")
             if not math.isfinite(rate) or rate < 0:
@@ -355,9 +368,12 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "COUPON_LOG_LEVEL": ("log_level", str),
     "COUPON_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", float),
     "COUPON_SNAPSHOT_TTL_SECONDS": ("snapshot_ttl_seconds", float),
+    "COUPON_SNAPSHOT_CACHE_SIZE": ("snapshot_cache_size", int),
     "COUPON_COALESCE_MAX_BATCH": ("coalesce_max_batch", int),
     "COUPON_MAX_BODY_BYTES": ("max_body_bytes", int),
     "COUPON_LISTEN_BACKLOG": ("listen_backlog", int),
+    "COUPON_KEEPALIVE_TIMEOUT_SECONDS": ("keepalive_timeout_seconds", float),
+    "COUPON_BODY_READ_TIMEOUT_SECONDS": ("body_read_timeout_seconds", float),
     "COUPON_REQUEST_LOG_SAMPLE": ("request_log_sample", float),
     "COUPON_SHED_WAIT_TARGET_MS": ("shed_wait_target_ms", float),
     "COUPON_SHED_WAIT_INTERVAL_MS": ("shed_wait_interval_ms", float),
@@ -379,12 +395,16 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
     "COUPON_JWT_AUDIENCE": ("jwt_audience", str),
     "COUPON_JWT_ISSUER": ("jwt_issuer", str),
     "COUPON_JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", float),
+    "COUPON_JWT_MAX_LIFETIME_SECONDS": ("jwt_max_lifetime_seconds", float),
     "COUPON_ADMIN_HOST": ("admin_host", str),
     "COUPON_ADMIN_PORT": ("admin_port", int),
+    "COUPON_OPS_ON_ADMIN_PORT": ("ops_on_admin_port", flag),
     "COUPON_RATE_LIMIT_IP_PER_SECOND": ("rate_limit_ip_per_second", float),
     "COUPON_RATE_LIMIT_IP_BURST": ("rate_limit_ip_burst", int),
     "COUPON_RATE_LIMIT_USER_PER_SECOND": ("rate_limit_user_per_second", float),
     "COUPON_RATE_LIMIT_USER_BURST": ("rate_limit_user_burst", int),
+    "COUPON_RATE_LIMIT_READ_PER_SECOND": ("rate_limit_read_per_second", float),
+    "COUPON_RATE_LIMIT_READ_BURST": ("rate_limit_read_burst", int),
     "COUPON_RATE_LIMIT_MAX_KEYS": ("rate_limit_max_keys", int),
     "COUPON_TRUSTED_PROXIES": ("trusted_proxies", str),
 }

@@ -576,8 +576,15 @@ async def test_issue_is_503_with_retry_after_when_redis_is_stopped(
         await _assert_503(await client.post(f"/v1/coupons/{coupon_id}/issues", json={"user_id": 1}))
         ready = await client.get("/readyz")
         assert ready.status == 503
-        assert (await ready.json())["redis"] != "ok"
+        # Not the exception's class: that is for the log, not for whoever asks.
+        assert (await ready.json())["redis"] == "unreachable"
         assert (await client.get("/healthz")).status == 200
+        # An admin route whose store is gone is a 503 the client may retry, not a 500.
+        await _assert_503(await client.get(f"/admin/coupons/{coupon_id}", headers=ADMIN))
+        await _assert_503(
+            await client.patch(f"/admin/coupons/{coupon_id}", json={"title": "x"}, headers=ADMIN)
+        )
+        await _assert_503(await client.post("/admin/coupons", json=_coupon_body(5), headers=ADMIN))
 
 
 async def test_issue_is_503_while_redis_stalls_and_recovers_after(

@@ -354,7 +354,7 @@ EXCHANGES = [
     case("GET", "/healthz", 200, "healthz-200"),
     case("GET", "/readyz", 200, "readyz-200"),
     case("GET", "/readyz", 503, "readyz-503-redis-paused", redis_paused=True,
-      expect={"ready": False, "redis": "TimeoutError"}),
+      expect={"ready": False, "redis": "unreachable"}),
     case("GET", "/metrics", 200, "metrics-200-prometheus"),
     case("GET", "/metrics", 200, "metrics-200-openmetrics",
       headers={"Accept": "application/openmetrics-text"}),

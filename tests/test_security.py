@@ -16,14 +16,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
-import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -45,7 +41,7 @@ from shared import coupons, keys
 from shared.coupons import MAX_ID, Coupon
 from shared.settings import ConfigError, Settings
 from tests.conftest import ADMIN_TOKEN, MYSQL_PASSWORD, CouponFactory
-from tests.helpers import ADMIN, REPO, assert_problem, couponctl, drain
+from tests.helpers import ADMIN, REPO, GatewayProcess, assert_problem, child_env, couponctl, drain
 from tests.invariants import Checker
 
 Client = TestClient[Any, Any]
@@ -760,71 +756,6 @@ async def test_body_limit_applies_to_the_seed_and_admin_routes_too(
 
 # --------------------------------------------------------------------------------------------
 # 5. secrets stay out of the logs
-
-
-def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
-    env.update(settings.to_env())
-    env.update(extra)
-    return env
-
-
-class GatewayProcess:
-    """``python -m gateway`` as a child process on a free port, its output in a file; stopped
-    with SIGTERM (SIGKILL after a grace period) even when the test fails."""
-
-    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._env = child_env(settings, COUPON_HTTP_PORT=str(self.port), **env)
-        self._log_path = log_path
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> GatewayProcess:
-        with self._log_path.open("wb") as log:
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "gateway"], env=self._env, cwd=REPO,
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        try:
-            self._wait_healthy(within=30.0)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _wait_healthy(self, *, within: float) -> None:
-        assert self._process is not None
-        deadline = time.monotonic() + within
-        while True:
-            if self._process.poll() is not None:
-                raise AssertionError(f"gateway exited at start:\n{self.output()}")
-            try:
-                # Our own http:// URL on loopback.
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:  # noqa: S310
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"gateway not healthy within {within} s:\n{self.output()}")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait(timeout=10)
-
-    def output(self) -> str:
-        return self._log_path.read_text(errors="replace")
 
 
 async def test_secrets_never_reach_the_logs(

@@ -424,7 +424,7 @@ class Stack:
         (the monotonic clock is left alone, so timeouts still mean what they say).
         """
         port = free_port()
-        settings = self.settings.replace(http_port=port, log_level="warning", **changes)
+        settings = self.settings.replace(**{"http_port": port, "log_level": "warning", **changes})
         extra = faketime_env(clock_offset_seconds)
         log_path = self.workdir / f"{self._unique(name)}.log"
         log = _log_file(log_path)
