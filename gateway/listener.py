@@ -29,7 +29,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from gateway.problems import SERVER, problem_response
+from gateway.problems import SERVER, internal_error, problem_response
 
 log = structlog.get_logger(__name__)
 
@@ -84,10 +84,7 @@ class ProblemRequestHandler(RequestHandler):
                 "the request could not be parsed as HTTP/1.1",
             )  # fmt: skip
         else:
-            response = problem_response(
-                status, "FAIL_COUPON_ISSUE_REQUEST", "Internal error",
-                "An unexpected error occurred; it has been logged.",
-            )  # fmt: skip
+            response = internal_error(status)
         response.headers["Server"] = SERVER
         response.force_close()
         return response

@@ -61,6 +61,16 @@ def _problem_body(status: int, code: str, title: str, detail: str) -> bytes:
     )
 
 
+def internal_error(status: int = 500) -> web.Response:
+    """The one answer to an error nobody expected: it says nothing of the error itself."""
+    return problem_response(
+        status,
+        "FAIL_COUPON_ISSUE_REQUEST",
+        "Internal error",
+        "An unexpected error occurred; it has been logged.",
+    )
+
+
 def render(error: AppError) -> web.Response:
     response = problem_response(
         error.status, error.code, error.title, error.detail, headers=error.headers()
@@ -131,12 +141,7 @@ def problem_middleware(sample: float) -> Middleware:
             response = render(Unavailable("a data store did not answer; try again later"))
         except Exception:
             log.exception("unhandled_error", request_id=request_id, path=request.path)
-            response = problem_response(
-                500,
-                "FAIL_COUPON_ISSUE_REQUEST",
-                "Internal error",
-                "An unexpected error occurred; it has been logged.",
-            )
+            response = internal_error()
         headers = response.headers
         headers["X-Request-ID"] = request_id
         headers["Server"] = SERVER  # aiohttp would name itself, its version and Python's

@@ -171,31 +171,30 @@ class Limits:
         self.addresses = ClientAddresses(settings.trusted_proxy_networks)
 
     def check_client(self, request: web.Request) -> None:
-        if self.by_address is None:
-            return
-        wait = self.by_address.hit(self.addresses.key(request))
-        if wait:
-            raise RateLimited(
-                "too many issue requests from this client address", retry_after=math.ceil(wait)
-            )
+        if self.by_address is not None:
+            _refuse_if_limited(
+                self.by_address, self.addresses.key(request),
+                "too many issue requests from this client address",
+            )  # fmt: skip
 
     def check_reader(self, request: web.Request) -> None:
-        if self.by_reader is None:
-            return
-        wait = self.by_reader.hit(self.addresses.key(request))
-        if wait:
-            raise RateLimited(
-                "too many read requests from this client address", retry_after=math.ceil(wait)
-            )
+        if self.by_reader is not None:
+            _refuse_if_limited(
+                self.by_reader, self.addresses.key(request),
+                "too many read requests from this client address",
+            )  # fmt: skip
 
     def check_user(self, user_id: int) -> None:
-        if self.by_user is None:
-            return
-        wait = self.by_user.hit(user_id)
-        if wait:
-            raise RateLimited(
-                f"too many issue requests for user {user_id}", retry_after=math.ceil(wait)
-            )
+        if self.by_user is not None:
+            _refuse_if_limited(self.by_user, user_id, "too many issue requests for user {key}")
+
+
+def _refuse_if_limited(limiter: RateLimiter, key: Hashable, detail: str) -> None:
+    """429 with the seconds to wait when ``key`` is over its limit; counts the hit otherwise.
+    ``detail`` may name ``{key}``; it is formatted only for a refusal, off the common path."""
+    wait = limiter.hit(key)
+    if wait:
+        raise RateLimited(detail.format(key=key), retry_after=math.ceil(wait))
 
 
 def _limiter(per_second: float, burst: int, max_keys: int) -> RateLimiter | None:
