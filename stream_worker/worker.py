@@ -55,6 +55,7 @@ class Worker:
         self._next_reclaim = 0.0
         self._cluster = redis_client.is_cluster(redis)
         self._rotation = 0
+        self._acking: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from :meth:`run`."""
@@ -69,6 +70,10 @@ class Worker:
         log.info("worker_started", consumer=self.name, burst=burst)
         await self._discover()
         await self._process_own_pending()
+        # The next batch is read while the current one commits. At most one batch is read
+        # ahead, and it is as safe as the one in hand: pending for this consumer, acknowledged
+        # only after its own commit, so a crash leaves both to be delivered again.
+        reading: asyncio.Task[list[Delivered]] | None = None
         while not self._stopping.is_set():
             now = time.monotonic()
             if now >= self._next_discovery:
@@ -77,12 +82,22 @@ class Worker:
             if now >= self._next_reclaim or burst:
                 did_work = await self._reclaim()
                 self._next_reclaim = now + self._settings.reclaim_idle_ms / 2000
-            delivered = await self._read(block=not burst)
-            if delivered:
-                await self._handle(delivered)
+            delivered = await (reading or self._read(block=not burst))
+            reading = None
+            # One read may return up to COUPON_BATCH_SIZE entries from each stream; each
+            # transaction takes at most COUPON_BATCH_SIZE of them, in stream order.
+            batches = _batches(delivered, self._settings.batch_size)
+            for number, batch in enumerate(batches, start=1):
+                if number == len(batches) and not self._stopping.is_set():
+                    reading = asyncio.create_task(self._read(block=not burst))
+                await self._handle(batch)
                 did_work = True
             if burst and not did_work:
                 break
+        if reading is not None:  # read before the stop: it is in hand too
+            for batch in _batches(await reading, self._settings.batch_size):
+                await self._handle(batch)
+        await self._acknowledged()
         log.info("worker_stopped", consumer=self.name)
 
     async def _discover(self) -> None:
@@ -226,7 +241,16 @@ class Worker:
         result = await self._commit(entries)
         if result is None:
             return
-        await self._acknowledge(result)
+        # The acknowledgement runs while the next batch commits; one at a time, so at most one
+        # committed batch waits for its XACK (a crash before it only means a redelivery).
+        await self._acknowledged()
+        self._acking = asyncio.create_task(self._acknowledge(result))
+
+    async def _acknowledged(self) -> None:
+        """Wait for the acknowledgement in flight, if any."""
+        if self._acking is not None:
+            acking, self._acking = self._acking, None
+            await acking
 
     async def _commit(self, entries: list[Entry]) -> BatchResult | None:
         """Write the batch, retrying transient MySQL failures until it lands or we stop.
@@ -258,6 +282,7 @@ class Worker:
             metrics.WORKER_MYSQL_UP.set(1)
             metrics.WORKER_COMMIT_SECONDS.observe(time.perf_counter() - started)
             metrics.WORKER_BATCH_SIZE.observe(len(entries))
+            _observe_time_to_issue(result.inserted)
             return result
 
     async def _bisect(self, entries: list[Entry], exc: Exception) -> BatchResult | None:
@@ -392,6 +417,19 @@ class Worker:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
+
+
+def _batches(delivered: list[Delivered], size: int) -> list[list[Delivered]]:
+    return [delivered[start : start + size] for start in range(0, len(delivered), size)]
+
+
+def _observe_time_to_issue(inserted: Sequence[Entry]) -> None:
+    """Only rows created now: a redelivered entry's wait was counted when its row was made.
+    Two clocks meet here (Redis's and this host's); a negative gap is skew and counts as 0."""
+    committed_ms = time.time() * 1000
+    observe = metrics.WORKER_TIME_TO_ISSUE_SECONDS.observe
+    for entry in inserted:
+        observe(max(committed_ms - entry.accepted_ms, 0.0) / 1000)
 
 
 def _flatten(reply: Any) -> list[Delivered]:

@@ -336,6 +336,58 @@ async def test_two_workers_claiming_same_entries_give_one_row_per_user(
     await check_invariants(coupon, accepted=set(users))
 
 
+async def test_late_worker_writes_no_row_for_a_request_dead_lettered_meanwhile(
+    client, redis, pool, settings, make_coupon, check_invariants
+):
+    coupon = await make_coupon(total=10)
+    await _accept_all(client, coupon.id, [1, 2, 3])
+    # "late" reads the three entries (their first delivery) and stalls before its commit.
+    delivered = await _read_as(redis, coupon.id, "late")
+    entries = [Entry.parse(coupon.id, i, f) for i, f in delivered]
+    # Meanwhile another worker gives up on user 2's request, as at the delivery limit.
+    decided = await issue_store.dead_letter(pool, [entries[1]], "max_deliveries")
+    assert decided.to_dead_letter == [entries[1]]
+
+    # The late commit: entries new to MySQL, but the coupon now has a dead letter, so the
+    # write must look before it inserts, and user 2 gets no row.
+    late = await issue_store.write_batch(pool, entries)
+
+    assert late.inserted == [entries[0], entries[2]]
+    assert late.to_dead_letter == [entries[1]]
+    assert sorted(r[1] for r in await _rows(pool, coupon.id)) == [1, 3]
+    assert await _issued_quantity(pool, coupon.id) == 2
+    # A worker takes the pending entries over: acknowledges 1 and 3, releases 2's slot.
+    await wait_for(lambda: _all_pending_idle(redis, coupon.id, settings.reclaim_idle_ms))
+    await _drain(redis, pool, settings, worker_name="rescuer")
+    assert await _status(client, coupon.id, 2) == "failed"
+    snap = await check_invariants(coupon, accepted={1, 2, 3})
+    assert snap.marked_failed == {2}
+
+
+async def test_a_read_across_coupons_commits_at_most_a_batch_per_transaction(
+    client, redis, pool, settings, make_coupon, check_invariants
+):
+    # XREADGROUP's COUNT is per stream: one read of three streams returns up to 3 x 2 here.
+    settings = settings.replace(batch_size=2)
+    coupons = [await make_coupon(total=10) for _ in range(3)]
+    accepted = {c.id: await _accept_all(client, c.id, [30, 10, 20]) for c in coupons}
+    sizes: list[int] = []
+
+    class Recording(Worker):
+        async def _commit(self, entries: list[Entry]) -> BatchResult | None:
+            sizes.append(len(entries))
+            return await super()._commit(entries)
+
+    await asyncio.wait_for(Recording(redis, pool, settings).run(burst=True), DRAIN_WITHIN)
+
+    assert sum(sizes) == 9
+    assert max(sizes) == 2, sizes
+    for coupon in coupons:
+        rows = await _rows(pool, coupon.id)
+        assert [r[1] for r in rows] == [30, 10, 20]  # stream order within each coupon
+        await check_invariants(coupon, accepted=set(accepted[coupon.id]))
+
+
 # --- poison entries and the delivery limit (F5) -----------------------------------------------
 
 
