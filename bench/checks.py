@@ -20,6 +20,7 @@ import aiomysql
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.settings import Settings
 
 
 @dataclass
@@ -112,6 +113,18 @@ async def row_count(pool: aiomysql.Pool, coupon_id: int) -> int:
     return int(count)
 
 
+def discovery_lead_seconds(settings: Settings) -> float:
+    """How long before its window a coupon is created so that every worker already reads its
+    stream when the window opens (a worker finds a new coupon within the discovery interval,
+    once its blocking read returns): a drop announced ahead of time, as real ones are."""
+    return settings.discovery_interval_seconds + settings.block_ms / 1000 + 1.0
+
+
+async def wait_until(moment: datetime) -> None:
+    """Sleep until a wall-clock moment (a coupon's window opening)."""
+    await asyncio.sleep(max((moment - datetime.now(UTC)).total_seconds(), 0.0))
+
+
 async def wait_drained(redis: Redis, coupon_id: int, *, within: float) -> int:
     """Wait until nothing is pending for the coupon (or ``within`` passes); the backlog left."""
     deadline = time.monotonic() + within
@@ -169,15 +182,19 @@ async def create_coupon(
     total: int | None,
     title: str,
     minutes: int = 24 * 60,
+    opens_at: datetime | None = None,
 ) -> int:
-    """Create a coupon through the admin API (the MySQL row and the Redis state); its id."""
+    """Create a coupon through the admin API (the MySQL row and the Redis state); its id.
+
+    Its window opens at ``opens_at``, or opened a minute ago.
+    """
     now = datetime.now(UTC)
     body = {
         "title": title,
         "total_quantity": total,
         "discount_amount": 1000,
         "min_available_amount": 10000,
-        "date_issue_start": (now - timedelta(minutes=1)).isoformat(),
+        "date_issue_start": (opens_at or now - timedelta(minutes=1)).isoformat(),
         "date_issue_end": (now + timedelta(minutes=minutes)).isoformat(),
     }
     async with session.post(

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import aiohttp
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import checks
+from bench import checks, time_to_issue
 from bench.run import machine
 from bench.stack import PYTHON, REPO, Stack, stack
 from shared import db, redis_client
@@ -276,10 +276,20 @@ async def _drop(
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
     pool = await db.create_pool(running.settings().mysql, maxsize=2)
     try:
+        # Created ahead of its window, as a real drop is: the workers read its stream by then.
+        opens_at = datetime.now(UTC) + timedelta(
+            seconds=checks.discovery_lead_seconds(running.settings())
+        )
         async with aiohttp.ClientSession() as session:
             coupon_id = await checks.create_coupon(
-                session, gateway.url, running.admin_token, total=args.stock, title="loadtest"
+                session,
+                gateway.url,
+                running.admin_token,
+                total=args.stock,
+                title="loadtest",
+                opens_at=opens_at,
             )
+            await checks.wait_until(opens_at)
             log(
                 f"==> coupon {coupon_id}: {args.stock:,} coupons; locust {args.users} users"
                 f" (+{args.spawn_rate:g}/s) for {args.duration} s, user ids 1..{args.user_ids:,}"
@@ -316,6 +326,10 @@ async def _drop(
                 log(f"    still {left} pending after 120 s")
             gateway_counts = await gateway_outcomes(session, gateway.url)
             server_latency = await gateway_latency(session, gateway.url)
+            waits = await time_to_issue.from_rows(pool, coupon_id)
+            waits["metric"] = await time_to_issue.from_metrics(
+                session, [w.metrics_url for w in workers if w.metrics_url]
+            )
         seen, rows = locust_outcomes(report / "locust_final.json")
         accepted = read_users(clients, "accepted")
         unknown = read_users(clients, "unknown")
@@ -354,6 +368,7 @@ async def _drop(
         "mismatched": mismatched,
         "locust_rows": rows,
         "gateway_latency": server_latency,
+        "time_to_issue": waits,
         "gateway_url": gateway.url,
         "machine": machine(),
         "ok": invariants.ok and not mismatched and told_accepted == len(set(accepted)),
@@ -395,6 +410,19 @@ async def _progress(
         )
 
 
+def _time_to_issue_line(waits: dict[str, Any]) -> str:
+    if not waits["rows"]:
+        return "- time to issue: no rows"
+    metric = waits["metric"]
+    return (
+        f"- time to issue (the 202 to the row in MySQL), {waits['rows']:,} rows:"
+        f" p50 {waits['p50_s'] * 1000:,.0f} ms, p99 {waits['p99_s'] * 1000:,.0f} ms,"
+        f" max {waits['max_s'] * 1000:,.0f} ms; the workers' histogram: p50 <="
+        f" {metric['p50_at_most_s']} s, p99 <= {metric['p99_at_most_s']} s,"
+        f" {metric['over_1s']:,} of {metric['rows']:,} over 1 s"
+    )
+
+
 def write_summary(report: Path, args: argparse.Namespace, result: dict[str, Any]) -> None:
     inv = result["invariants"]
     rows = result["locust_rows"]
@@ -419,6 +447,7 @@ def write_summary(report: Path, args: argparse.Namespace, result: dict[str, Any]
         f" the response): p50 <= {lat['p50_at_most_s']} s, p99 <= {lat['p99_at_most_s']} s,"
         f" {lat['over_1s']:,} of {lat['requests']:,} requests over 1 s; locust's figures add"
         " the time a request waits in the client and the kernel",
+        _time_to_issue_line(result["time_to_issue"]),
         f"- told accepted: {result['accepted_told']:,}; unknown answers (5xx, resets,"
         f" timeouts): {result['unknown']:,}; dead-lettered: {inv['dead_lettered']}",
         "",

@@ -72,6 +72,8 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     argv: list[str]
+    metrics_url: str | None = None
+    """Where its Prometheus metrics are served, for the processes that serve them apart."""
 
     @property
     def pid(self) -> int:
@@ -340,7 +342,8 @@ class Stack:
             proc = self.spawn(
                 f"worker-{i}", [PYTHON, "-m", "stream_worker"], env=self.env(settings)
             )
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            proc.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            url = proc.metrics_url
             self.wait_until(f"worker {i}", lambda url=url: http_ok(url), [proc], 60)
             procs.append(proc)
         return procs

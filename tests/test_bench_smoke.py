@@ -56,13 +56,24 @@ def test_bench_quick_prints_the_table_and_writes_results(tmp_path: Path) -> None
     e2e = results["e2e"]["invariants"]
     assert e2e["ok"]
     assert e2e["headline"] == "100 issued of 100, 0 duplicates, 0 lost"
+    # Time to issue, from the rows and from the workers' histogram, counts every row once.
+    waits = results["e2e"]["time_to_issue"]
+    assert waits["rows"] == 100
+    assert waits["metric"]["rows"] == 100
+    assert 0 <= waits["p50_s"] <= waits["p99_s"] <= waits["max_s"]
+    # The scaling table drained every cell, each with its invariants checked.
+    cells = results["scaling"]["cells"]
+    assert [(c["coupons"], c["workers"]) for c in cells] == [(1, 1), (1, 2), (10, 1), (10, 2)]
+    assert all(c["rows"] == 2_000 and c["rows_per_s"] > 0 for c in cells)
+    assert "drain, 2 worker process(es), 10 coupon(s)" in done.stdout
     burst_goals = {
         f"burst_{route}_{name}"
         for route in ("native", "seed")
         for name in ("failed_pct", "rps_vs_bare", "p99_vs_bare", "overflows_vs_bare")
     }
     assert set(results["goals"]) == {
-        "accept_vs_bare", "sold_out_vs_bare", "drain_vs_raw_insert", *burst_goals,
+        "accept_vs_bare", "sold_out_vs_bare", "drain_vs_raw_insert", "time_to_issue_p99_s",
+        *burst_goals,
     }  # fmt: skip
     # The burst ran every target on both routes, one and two processes, and every drop's
     # invariants held: as many rows as answers said accepted, none twice, all drained.
@@ -100,5 +111,8 @@ def test_loadtest_tiny_run_writes_a_clean_report(tmp_path: Path) -> None:
     assert run["counts_match"]
     assert run["outcomes"]["accepted"] == {"locust": 50, "gateway": 50}
     assert run["accepted_told"] == 50
+    assert run["time_to_issue"]["rows"] == 50
+    assert run["time_to_issue"]["metric"]["rows"] == 50
+    assert "time to issue (the 202 to the row in MySQL), 50 rows" in summary
     _assert_all_stopped(run["processes"])
     assert not Path(run["stack_folder"]).exists()
