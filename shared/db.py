@@ -10,6 +10,7 @@ from typing import Any
 import aiomysql
 import pymysql
 import structlog
+from pymysql.constants import CLIENT
 
 from shared.settings import MySQLDsn
 
@@ -40,7 +41,13 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 async def create_pool(
     dsn: MySQLDsn, *, minsize: int = 1, maxsize: int = 10, **extra: Any
 ) -> aiomysql.Pool:
-    """A pool of autocommit-off connections in UTC; pinged once so bad settings fail at start."""
+    """A pool of autocommit-off connections in UTC; pinged once so bad settings fail at start.
+
+    Never with ``CLIENT.FOUND_ROWS``: the issue store reads an upsert's row count as the rows it
+    created, which that flag would turn into the rows it matched.
+    """
+    if int(extra.get("client_flag", 0)) & CLIENT.FOUND_ROWS:
+        raise ValueError("the issue store needs affected-row counts, not CLIENT.FOUND_ROWS")
     pool = await aiomysql.create_pool(
         host=dsn.host,
         port=dsn.port,

@@ -14,7 +14,7 @@ import itertools
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 
 import aiomysql
 import pymysql
@@ -59,6 +59,10 @@ TRANSIENT_MYSQL_ERRORS = frozenset(
 MAX_ACCEPTED_MS = 253_402_300_799_999
 
 
+# Naive UTC, as every DATETIME here (exact integer arithmetic, no float seconds).
+_EPOCH = datetime(1970, 1, 1)
+
+
 class Malformed(ValueError):
     """A stream entry that can never become a row."""
 
@@ -98,7 +102,7 @@ class Entry:
     @property
     def accepted_at(self) -> datetime:
         """Acceptance time (Redis clock), stored as ``date_issued``, UTC without tzinfo."""
-        return datetime.fromtimestamp(self.accepted_ms / 1000, tz=UTC).replace(tzinfo=None)
+        return _EPOCH + timedelta(milliseconds=self.accepted_ms)
 
 
 @dataclass(slots=True)
@@ -185,11 +189,13 @@ async def write_batch(pool: aiomysql.Pool, entries: Sequence[Entry]) -> BatchRes
     Entries beyond the cap (Redis state was wrong) are dead-lettered in the same transaction.
 
     The common batch is a drop in progress: entries Redis has already deduplicated, for a
-    coupon with room for all of them and no dead letters. That batch is written optimistically
-    (insert everything, check the row count) in five round trips. Any other batch, or an
-    optimistic one whose row count shows a row already there (a redelivery, a late worker),
-    is written the careful way: look up the users and the dead letters first, under the same
-    locks. The outcome of both ways is the same; only the cost differs.
+    coupon with room for all of them and no dead letters. That batch is written optimistically:
+    insert everything and check the row count (for one coupon: lock, dead-letter probe,
+    INSERT, UPDATE, COMMIT). Any other coupon of the batch is written the careful way: look up
+    the users and the dead letters first. When an optimistic insert creates fewer rows than it
+    was given (a redelivery, a late worker), the transaction is rolled back and the whole batch
+    is written the careful way in a new one, which takes the locks again. Both ways settle
+    every entry the same; only the cost differs.
     """
     if not entries:
         return BatchResult()
@@ -237,8 +243,13 @@ def _fits(group: Sequence[Entry], room: int | None) -> bool:
 
 
 async def _coupons_with_dead_letters(cur: aiomysql.Cursor, coupon_ids: Sequence[int]) -> set[int]:
-    """The coupons that have any dead letter. Read after the locks are held (the snapshot
-    starts here), so it sees every dead letter a late worker's competitor committed."""
+    """The coupons that have any dead letter.
+
+    This must be the transaction's first plain (non-locking) read, after ``_lock_coupons``:
+    InnoDB takes the snapshot here, once every coupon lock is held, so it sees each dead
+    letter that another worker committed under those locks before us. A plain read before
+    the lock (or ``START TRANSACTION WITH CONSISTENT SNAPSHOT``) would break that.
+    """
     await cur.execute(
         "SELECT DISTINCT coupon_id FROM coupon_issue_dead_letters"
         f" WHERE coupon_id IN ({_placeholders(len(coupon_ids))})",

@@ -107,14 +107,14 @@ WORKER_COMMIT_SECONDS = Histogram(
     "Latency of one batch transaction, first statement to COMMIT.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
-# Gauges name a multiprocess mode so that, should a worker ever run with the multiprocess
-# folder set, a scrape shows one value instead of one series per process id.
 WORKER_TIME_TO_ISSUE_SECONDS = Histogram(
     "coupon_worker_time_to_issue_seconds",
     "From a request's acceptance (the Redis clock, in its stream entry) to the commit of its"
     " row (the worker's clock): how long a winner waits for the coupon to appear.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+# Gauges name a multiprocess mode so that, should a worker ever run with the multiprocess
+# folder set, a scrape shows one value instead of one series per process id.
 WORKER_MYSQL_UP = Gauge(
     "coupon_worker_mysql_up",
     "1 when the worker's last MySQL transaction succeeded.",

@@ -1,6 +1,7 @@
 """The stream worker: consumer group ``issuers`` on every active coupon's request stream.
 
-Per batch: XREADGROUP, one MySQL transaction, COMMIT, then XACK. An entry is acknowledged only
+Per batch: XREADGROUP, one MySQL transaction, COMMIT, then XACK (the next read and the last
+acknowledgement overlap the commit; see :meth:`Worker.run`). An entry is acknowledged only
 after its row is committed, so a crash anywhere leaves it pending; pending entries are re-read
 on start (same consumer name) or taken over by another worker's reclaimer (XAUTOCLAIM). The
 MySQL write is idempotent, so a second delivery is harmless. An entry delivered more than
@@ -55,10 +56,17 @@ class Worker:
         self._next_reclaim = 0.0
         self._cluster = redis_client.is_cluster(redis)
         self._rotation = 0
+        self._reading: asyncio.Task[list[Delivered]] | None = None
+        """The read started ahead of the batch committing."""
+        self._waiting: list[Delivered] = []
+        """Read, waiting for a transaction: the rest of a read larger than a batch."""
         self._acking: asyncio.Task[None] | None = None
+        """The acknowledgement of the last committed batch."""
+        self._gave_up = False
+        """A batch was abandoned at shutdown (MySQL down): leave the rest pending."""
 
     def stop(self) -> None:
-        """Finish the batch in hand, then return from :meth:`run`."""
+        """Finish the entries in hand, then return from :meth:`run`."""
         self._stopping.set()
 
     async def run(self, *, burst: bool = False) -> None:
@@ -66,39 +74,80 @@ class Worker:
 
         Burst mode reads without blocking and reclaims idle entries of other consumers, then
         returns once a full pass finds nothing to do, so tests need no sleeps.
+
+        The next read runs while the last batch of the current one commits, and each batch's
+        acknowledgement while the next one commits (one of each at most). Entries read ahead
+        are as safe as the batch in hand: pending for this consumer, kept claimed through a
+        MySQL outage, acknowledged only after their own commit.
         """
         log.info("worker_started", consumer=self.name, burst=burst)
         await self._discover()
         await self._process_own_pending()
-        # The next batch is read while the current one commits. At most one batch is read
-        # ahead, and it is as safe as the one in hand: pending for this consumer, acknowledged
-        # only after its own commit, so a crash leaves both to be delivered again.
-        reading: asyncio.Task[list[Delivered]] | None = None
-        while not self._stopping.is_set():
-            now = time.monotonic()
-            if now >= self._next_discovery:
-                await self._discover()
-            did_work = False
-            if now >= self._next_reclaim or burst:
-                did_work = await self._reclaim()
-                self._next_reclaim = now + self._settings.reclaim_idle_ms / 2000
-            delivered = await (reading or self._read(block=not burst))
-            reading = None
-            # One read may return up to COUPON_BATCH_SIZE entries from each stream; each
-            # transaction takes at most COUPON_BATCH_SIZE of them, in stream order.
-            batches = _batches(delivered, self._settings.batch_size)
-            for number, batch in enumerate(batches, start=1):
-                if number == len(batches) and not self._stopping.is_set():
-                    reading = asyncio.create_task(self._read(block=not burst))
-                await self._handle(batch)
-                did_work = True
-            if burst and not did_work:
-                break
-        if reading is not None:  # read before the stop: it is in hand too
-            for batch in _batches(await reading, self._settings.batch_size):
-                await self._handle(batch)
-        await self._acknowledged()
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if now >= self._next_discovery:
+                    await self._discover()
+                reclaim_due = burst or now >= self._next_reclaim
+                delivered = await self._next_read(block=not burst)
+                did_work = await self._handle_read(
+                    delivered, read_ahead=not reclaim_due, block=not burst
+                )
+                if reclaim_due:
+                    # With nothing in hand, so the reclaimer cannot take over our own entries.
+                    await self._acknowledged()
+                    did_work = await self._reclaim() or did_work
+                    self._next_reclaim = now + self._settings.reclaim_idle_ms / 2000
+                if burst and not did_work:
+                    break
+            if self._reading is not None and not self._gave_up:
+                # Read before the stop: in hand too. (Given up means MySQL is down: what is
+                # left stays pending for the next start or another worker.)
+                await self._handle_read(await self._next_read(block=False), read_ahead=False)
+            await self._acknowledged()
+        finally:
+            # Only left over when run() itself fails or is cancelled: the entries stay pending.
+            for task in (self._reading, self._acking):
+                if task is not None:
+                    task.cancel()
         log.info("worker_stopped", consumer=self.name)
+
+    async def _next_read(self, *, block: bool) -> list[Delivered]:
+        """The read started ahead, if there is one, else a read now."""
+        if self._reading is None:
+            return await self._read(block=block)
+        reading, self._reading = self._reading, None
+        return await reading
+
+    async def _handle_read(
+        self, delivered: list[Delivered], *, read_ahead: bool, block: bool = False
+    ) -> bool:
+        """Commit what one read returned, at most COUPON_BATCH_SIZE entries per transaction
+        (XREADGROUP's COUNT is per stream), in stream order; start the next read before the
+        last batch commits. Returns whether there was anything."""
+        if not delivered:
+            return False
+        *first, last = _batches(delivered, self._settings.batch_size)
+        for number, batch in enumerate(first, start=1):
+            self._waiting = [entry for later in (*first[number:], last) for entry in later]
+            await self._handle(batch)
+            if self._gave_up:
+                self._waiting = []
+                return True
+        self._waiting = []
+        if read_ahead and not self._stopping.is_set():
+            self._reading = asyncio.create_task(self._read(block=block))
+        await self._handle(last)
+        return True
+
+    def _held_besides(self) -> list[tuple[int, str]]:
+        """Entries in hand besides the batch committing: the rest of its read, and the read
+        ahead once it has returned."""
+        held = [(coupon_id, entry_id) for coupon_id, entry_id, _ in self._waiting]
+        ahead = self._reading
+        if ahead is not None and ahead.done() and not ahead.cancelled() and not ahead.exception():
+            held += [(coupon_id, entry_id) for coupon_id, entry_id, _ in ahead.result()]
+        return held
 
     async def _discover(self) -> None:
         """Pick up coupons created since the last look, without a restart."""
@@ -274,8 +323,11 @@ class Worker:
                 )
                 if self._stopping.is_set() and delay >= self._settings.mysql_retry_max_seconds:
                     log.warning("batch_abandoned_at_shutdown", entries=len(entries))
+                    self._gave_up = True
                     return None
-                await self._keep_claimed(entries)
+                await self._keep_claimed(
+                    [(e.coupon_id, e.entry_id) for e in entries] + self._held_besides()
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.mysql_retry_max_seconds)
                 continue
@@ -302,12 +354,11 @@ class Worker:
                 await self._acknowledge(result)
         return BatchResult()
 
-    async def _keep_claimed(self, entries: Sequence[Entry]) -> None:
+    async def _keep_claimed(self, held: Sequence[tuple[int, str]]) -> None:
+        """Re-claim (coupon id, entry id) pairs so that no other worker takes them over."""
         by_stream: dict[str, list[int | bytes | str | memoryview[int]]] = {}
-        for entry in entries:
-            by_stream.setdefault(keys.CouponKeys(entry.coupon_id).requests, []).append(
-                entry.entry_id
-            )
+        for coupon_id, entry_id in held:
+            by_stream.setdefault(keys.CouponKeys(coupon_id).requests, []).append(entry_id)
         try:
             for stream, ids in by_stream.items():
                 await self._redis.xclaim(stream, keys.GROUP, self.name, 0, ids, justid=True)

@@ -26,9 +26,10 @@ from typing import IO, Any
 
 import aiomysql
 import pytest
+from pymysql.constants import CLIENT
 from redis.asyncio import Redis
 
-from shared import issue_store, keys
+from shared import db, issue_store, keys
 from shared.issue_store import BatchResult, Entry
 from shared.scripts import Scripts
 from shared.settings import Settings
@@ -282,6 +283,12 @@ async def test_same_entry_written_twice_gives_one_row(
     # A worker delivering it a third time only acknowledges it.
     await _drain(redis, pool, settings)
     await check_invariants(coupon, accepted={1})
+
+
+async def test_a_pool_counting_matched_rows_is_refused(settings):
+    # With CLIENT.FOUND_ROWS a redelivered entry would count as a row created (see above).
+    with pytest.raises(ValueError, match="FOUND_ROWS"):
+        await db.create_pool(settings.mysql, client_flag=CLIENT.FOUND_ROWS)
 
 
 async def test_entry_committed_but_unacked_is_reclaimed_without_second_row(
