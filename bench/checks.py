@@ -105,9 +105,11 @@ async def backlog(redis: Redis, coupon_id: int) -> int:
     return int(group["pending"]) + int(group.get("lag") or 0)
 
 
-async def row_count(pool: aiomysql.Pool, coupon_id: int) -> int:
+async def row_count(pool: aiomysql.Pool, coupon_id: int | None = None) -> int:
+    """Rows of one coupon, or of all."""
+    where, args = ("WHERE coupon_id = %s", (coupon_id,)) if coupon_id else ("", ())
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT COUNT(*) FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
+        await cur.execute(f"SELECT COUNT(*) FROM coupon_issues {where}", args)
         (count,) = await cur.fetchone()
         await conn.rollback()
     return int(count)

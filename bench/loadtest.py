@@ -29,7 +29,7 @@ import aiohttp
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import checks, time_to_issue
+from bench import checks, scrape, time_to_issue
 from bench.run import machine
 from bench.stack import PYTHON, REPO, Stack, stack
 from shared import db, redis_client
@@ -129,10 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def gateway_outcomes(session: aiohttp.ClientSession, url: str) -> dict[str, int]:
     """``coupon_issue_requests_total`` by outcome, as one scrape of ``/metrics`` reports it."""
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
     counts: dict[str, int] = dict.fromkeys(ISSUE_OUTCOMES, 0)
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(await scrape.text(session, f"{url}/metrics")):
         if family.name != "coupon_issue_requests":
             continue
         for sample in family.samples:
@@ -145,28 +143,12 @@ async def gateway_latency(session: aiohttp.ClientSession, url: str) -> dict[str,
     """The gateway's own view of the issue routes' latency (``coupon_http_request_duration
     _seconds``, summed over routes and status classes): the time from its middleware's start
     to the response, without the time a request waits before the gateway reads it."""
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    buckets: dict[float, float] = defaultdict(float)
-    for family in text_string_to_metric_families(text):
-        if family.name != "coupon_http_request_duration_seconds":
-            continue
-        for sample in family.samples:
-            if sample.name.endswith("_bucket") and "issue" in sample.labels["route"]:
-                buckets[float(sample.labels["le"])] += sample.value
-    bounds = sorted(buckets)
-    total = buckets[bounds[-1]] if bounds else 0.0
-
-    def quantile_bound(q: float) -> float | None:
-        """The smallest bucket bound that holds the q-th share of the requests."""
-        return next((b for b in bounds if total and buckets[b] >= q * total), None)
-
-    return {
-        "requests": int(total),
-        "p50_at_most_s": quantile_bound(0.5),
-        "p99_at_most_s": quantile_bound(0.99),
-        "over_1s": int(total - buckets.get(1.0, total)),
-    }
+    summary = scrape.histogram_bounds(
+        [await scrape.text(session, f"{url}/metrics")],
+        "coupon_http_request_duration_seconds",
+        keep=lambda labels: "issue" in labels["route"],
+    )
+    return {"requests": summary.pop("count"), **summary}
 
 
 # -- locust output -----------------------------------------------------------------------------

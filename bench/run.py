@@ -508,7 +508,7 @@ async def _scaling_cell(
     workers = running.start_workers(worker_count)
     try:
         deadline = time.monotonic() + 300
-        while await _rows_written(pool) < rows:
+        while await checks.row_count(pool) < rows:
             if time.monotonic() > deadline or not all(w.alive() for w in workers):
                 raise RuntimeError(f"scaling: {worker_count} workers did not drain {rows:,} rows")
             await asyncio.sleep(0.05)
@@ -533,14 +533,6 @@ async def _scaling_cell(
         "seconds": window,
         "rows_per_s": rows / window,
     }
-
-
-async def _rows_written(pool: aiomysql.Pool) -> int:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT COUNT(*) FROM coupon_issues")
-        (count,) = await cur.fetchone()
-        await conn.rollback()
-    return int(count)
 
 
 async def _write_window_seconds(pool: aiomysql.Pool, coupon_id: int | None = None) -> float:

@@ -9,13 +9,13 @@ stream entry) to the row in MySQL. Read two ways after a drop, so each checks th
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import aiohttp
 import aiomysql
-from prometheus_client.parser import text_string_to_metric_families
+
+from bench import scrape
 
 METRIC = "coupon_worker_time_to_issue_seconds"
 
@@ -47,25 +47,5 @@ async def from_rows(pool: aiomysql.Pool, coupon_id: int) -> dict[str, Any]:
 
 async def from_metrics(session: aiohttp.ClientSession, urls: Iterable[str]) -> dict[str, Any]:
     """The workers' histograms summed: the smallest bucket bounds holding p50 and p99."""
-    buckets: dict[float, float] = defaultdict(float)
-    for url in urls:
-        async with session.get(url) as response:
-            text = await response.text()
-        for family in text_string_to_metric_families(text):
-            if family.name != METRIC:
-                continue
-            for sample in family.samples:
-                if sample.name == f"{METRIC}_bucket":
-                    buckets[float(sample.labels["le"])] += sample.value
-    bounds = sorted(buckets)
-    total = buckets[bounds[-1]] if bounds else 0.0
-
-    def bound(q: float) -> float | None:
-        return next((b for b in bounds if total and buckets[b] >= q * total), None)
-
-    return {
-        "rows": int(total),
-        "p50_at_most_s": bound(0.5),
-        "p99_at_most_s": bound(0.99),
-        "over_1s": int(total - buckets.get(1.0, total)),
-    }
+    summary = scrape.histogram_bounds([await scrape.text(session, url) for url in urls], METRIC)
+    return {"rows": summary.pop("count"), **summary}

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomysql
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
@@ -41,6 +42,16 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within} s")
         await asyncio.sleep(interval)
+
+
+async def answers_ok(session: aiohttp.ClientSession, url: str) -> bool:
+    """Whether ``url`` answers 200 now (a server still starting answers nothing): a condition
+    for :func:`wait_for`."""
+    try:
+        async with session.get(url) as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 async def issue(

@@ -16,7 +16,7 @@ import uvloop
 from aiohttp import web
 
 from gateway.listener import EagerAcceptSite, listening_socket
-from tests.helpers import REPO, child_env, drain, free_port, wait_for
+from tests.helpers import REPO, answers_ok, child_env, drain, free_port, wait_for
 
 SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())
 
@@ -61,15 +61,7 @@ async def test_listen_backlog_is_applied_and_hot_routes_log_a_sample(
     accepted: set[int] = set()
     try:
         async with aiohttp.ClientSession() as session:
-
-            async def ready() -> bool:
-                try:
-                    async with session.get(f"{base}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(ready, within=30, interval=0.05)
+            await wait_for(lambda: answers_ok(session, f"{base}/readyz"), within=30, interval=0.05)
             assert _listen_queue(port) == min(asked, SOMAXCONN)
             issues = f"{base}/v1/coupons/{coupon.id}/issues"
             statuses = []

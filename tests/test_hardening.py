@@ -30,7 +30,16 @@ from gateway.app import create_app
 from gateway.snapshots import SnapshotCache
 from shared.settings import Settings
 from tests.conftest import CouponFactory
-from tests.helpers import ADMIN, REPO, GatewayProcess, assert_problem, drain, free_port, wait_for
+from tests.helpers import (
+    ADMIN,
+    REPO,
+    GatewayProcess,
+    answers_ok,
+    assert_problem,
+    drain,
+    free_port,
+    wait_for,
+)
 from tests.invariants import Checker
 
 Client = TestClient[Any, Any]
@@ -282,15 +291,8 @@ async def test_ops_routes_can_live_on_the_admin_listener_alone(gateway_process: 
         COUPON_ADMIN_PORT=str(admin_port), COUPON_OPS_ON_ADMIN_PORT="1"
     ) as gateway:
         async with aiohttp.ClientSession() as session:
-
-            async def admin_up() -> bool:
-                try:
-                    async with session.get(f"http://127.0.0.1:{admin_port}/metrics") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(admin_up, within=10)
+            admin_metrics = f"http://127.0.0.1:{admin_port}/metrics"
+            await wait_for(lambda: answers_ok(session, admin_metrics), within=10)
             for path in ("/metrics", "/openapi.json"):
                 async with session.get(gateway.url + path) as response:
                     assert response.status == 404, path

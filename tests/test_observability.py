@@ -31,7 +31,7 @@ from shared.scripts import IssueResult, Scripts
 from shared.settings import Settings
 from stream_worker.monitor import OTHER, StreamMonitor
 from tests.conftest import CouponFactory
-from tests.helpers import REPO, child_env, drain, free_port, issue, wait_for
+from tests.helpers import REPO, answers_ok, child_env, drain, free_port, issue, wait_for
 from tests.invariants import Checker
 
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
@@ -63,14 +63,6 @@ def _children(argvs: list[list[str]], env: dict[str, str], logs: list[Path]) -> 
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-
-
-async def _get_ok(session: aiohttp.ClientSession, url: str) -> bool:
-    try:
-        async with session.get(url) as response:
-            return response.status == 200
-    except aiohttp.ClientError:
-        return False
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -136,7 +128,7 @@ async def test_two_gateway_processes_scrape_as_the_totals_clients_saw(
             # Both processes must be listening before the counted requests: until each has
             # answered a /readyz (its pid seen in the log), the kernel may hand one of them all.
             async def both_serve() -> bool:
-                await _get_ok(session, f"{base}/readyz")
+                await answers_ok(session, f"{base}/readyz")
                 served = {r["pid"] for r in _json_lines(log) if r.get("event") == "http_request"}
                 return len(served) == 2
 
