@@ -36,7 +36,8 @@ from redis.asyncio import Redis
 
 from bench import checks
 from bench.stack import PYTHON, REPO, Proc, Service, Stack, find_binary, free_port, http_ok
-from shared import db, redis_client
+from shared.mysql.pool import create_pool
+from shared.redis import client as redis_client
 
 LUA = REPO / "bench" / "lua" / "issue.lua"
 NETSTAT = Path("/proc/net/netstat")
@@ -244,7 +245,7 @@ async def burst_phase(running: Stack, profile: BurstProfile) -> dict[str, Any]:
     raise_open_files_limit(2 * profile.connections + 1024)
     settings = running.settings()
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
-    pool = await db.create_pool(settings.mysql, maxsize=2)
+    pool = await create_pool(settings.mysql, maxsize=2)
     runs: list[BurstRun] = []
     drops: list[dict[str, Any]] = []
     workers = running.start_workers(2)

@@ -32,8 +32,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import checks, scrape, time_to_issue
 from bench.run import machine
 from bench.stack import PYTHON, REPO, Stack, stack
-from shared import db, redis_client
 from shared.metrics import ISSUE_OUTCOMES
+from shared.mysql.pool import create_pool
+from shared.redis import client as redis_client
 
 LOCUSTFILE = REPO / "deploy" / "locust" / "locustfile.py"
 
@@ -256,7 +257,7 @@ async def _drop(
     gateway = running.start_gateway(processes=args.processes, name="gateway")
     workers = running.start_workers(args.workers)
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
-    pool = await db.create_pool(running.settings().mysql, maxsize=2)
+    pool = await create_pool(running.settings().mysql, maxsize=2)
     try:
         # Created ahead of its window, as a real drop is: the workers read its stream by then.
         opens_at = datetime.now(UTC) + timedelta(

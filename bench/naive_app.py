@@ -20,8 +20,9 @@ from gateway.app import create_app
 from gateway.coalescer import Coalescer, StateMissing
 from gateway.issuing import Issuer
 from shared import logging as shared_logging
-from shared import metrics, redis_client
-from shared.scripts import Reservation, Scripts
+from shared import metrics
+from shared.redis import client as redis_client
+from shared.redis.scripts import Reservation, Scripts
 from shared.settings import Settings
 
 

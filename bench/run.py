@@ -43,10 +43,15 @@ from bench import burst, checks, time_to_issue
 from bench import profile as bench_profile
 from bench.client import fire
 from bench.stack import PYTHON, REPO, Service, Stack, find_binary, free_port, http_ok, stack
-from shared import coupons, db, issue_store, keys, redis_client
+from shared import keys
 from shared import logging as shared_logging
-from shared.issue_store import Entry
-from shared.scripts import Scripts
+from shared.coupon_requests import NewCoupon
+from shared.mysql import issue_store
+from shared.mysql.issue_store import Entry
+from shared.mysql.pool import create_pool
+from shared.ops import coupons
+from shared.redis import client as redis_client
+from shared.redis.scripts import Scripts
 from stream_worker.worker import Worker
 
 LUA = REPO / "bench" / "lua" / "issue.lua"
@@ -340,7 +345,7 @@ async def _reset(redis: Redis, pool: aiomysql.Pool) -> None:
 
 async def _new_coupon(pool: aiomysql.Pool, redis: Redis, title: str, total: int | None) -> int:
     now = datetime.now(UTC)
-    new = coupons.NewCoupon(
+    new = NewCoupon(
         title=title,
         total_quantity=total,
         discount_amount=1000,
@@ -365,7 +370,7 @@ async def _preload(redis: Redis, coupon_id: int, users: int) -> None:
 async def drain_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     settings = running.settings(worker_name="bench-drain", block_ms=100)
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
-    pool = await db.create_pool(settings.mysql, maxsize=4)
+    pool = await create_pool(settings.mysql, maxsize=4)
     try:
         await _reset(redis, pool)
         rows = profile.drain_rows
@@ -463,7 +468,7 @@ async def scaling_phase(running: Stack, profile: Profile, raw_rows_per_s: float)
     count.
     """
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
-    pool = await db.create_pool(running.settings().mysql, maxsize=2)
+    pool = await create_pool(running.settings().mysql, maxsize=2)
     cells: list[dict[str, Any]] = []
     try:
         for coupon_count in profile.scaling_coupons:
@@ -554,7 +559,7 @@ async def _write_window_seconds(pool: aiomysql.Pool, coupon_id: int | None = Non
 
 async def e2e_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
-    pool = await db.create_pool(running.settings().mysql, maxsize=2)
+    pool = await create_pool(running.settings().mysql, maxsize=2)
     await _reset(redis, pool)
     stock, users = profile.e2e_stock, profile.e2e_users
     log(

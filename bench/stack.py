@@ -140,7 +140,7 @@ class Stack:
     def _migrate(self) -> None:
         """``couponctl db migrate``, as an operator runs it."""
         done = subprocess.run(
-            [PYTHON, "-m", "shared.cli", "db", "migrate"],
+            [PYTHON, "-m", "shared.ops.cli", "db", "migrate"],
             cwd=REPO,
             env=self.env(self.settings()),
             capture_output=True,

@@ -8,11 +8,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import appkeys
+from gateway.bodies import json_object
 from gateway.problems import json_response
-from gateway.validation import json_object, parse_id
-from shared import coupons
-from shared.coupons import MAX_ID
-from shared.errors import CouponNotFound, InvalidRequest, Unauthorized, Unavailable
+from shared.coupon_requests import CouponChange, NewCoupon
+from shared.errors import Unauthorized, Unavailable
+from shared.ids import MAX_ID, parse_decimal, parse_id
+from shared.ops import coupons
 
 routes = web.RouteTableDef()
 
@@ -38,7 +39,7 @@ def require_admin(request: web.Request) -> None:
 @routes.post("/admin/coupons")
 async def create_coupon(request: web.Request) -> web.Response:
     require_admin(request)
-    new = coupons.NewCoupon.from_json(await json_object(request))
+    new = NewCoupon.from_json(await json_object(request))
     coupon = await coupons.create_coupon(
         request.app[appkeys.MYSQL], request.app[appkeys.REDIS], new
     )
@@ -61,7 +62,7 @@ async def update_coupon(request: web.Request) -> web.Response:
     """Move the window, top up (or lower) the stock, pause or resume; live for every gateway."""
     require_admin(request)
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
-    change = coupons.CouponChange.from_json(await json_object(request))
+    change = CouponChange.from_json(await json_object(request))
     coupon = await coupons.update_coupon(
         request.app[appkeys.MYSQL], request.app[appkeys.REDIS], coupon_id, change
     )
@@ -70,23 +71,17 @@ async def update_coupon(request: web.Request) -> web.Response:
 
 def _query_int(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
-    if raw is None:
-        return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or not low <= int(raw) <= high:
-        raise InvalidRequest(f"{name} must be an integer between {low} and {high}")
-    return int(raw)
+    return default if raw is None else parse_decimal(raw, name, low=low, high=high)
 
 
 @routes.get("/admin/coupons/{coupon_id}")
 async def show_coupon(request: web.Request) -> web.Response:
     require_admin(request)
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
-    pool = request.app[appkeys.MYSQL]
-    coupon = await coupons.fetch_coupon(pool, coupon_id)
-    if coupon is None:
-        raise CouponNotFound(f"coupon {coupon_id} does not exist")
     try:
-        counts = await coupons.counters(pool, request.app[appkeys.REDIS], coupon)
+        shown = await coupons.show_coupon(
+            request.app[appkeys.MYSQL], request.app[appkeys.REDIS], coupon_id
+        )
     except (RedisError, OSError):
         raise Unavailable("Redis is unreachable") from None
-    return json_response({**coupon.public(), **counts.as_dict()})
+    return json_response(shown)

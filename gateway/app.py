@@ -18,8 +18,11 @@ from gateway.listener import EagerAcceptSite, listening_socket
 from gateway.problems import problem_middleware
 from gateway.ratelimit import Limits
 from gateway.snapshots import SnapshotCache
-from shared import db, metrics, redis_client, redis_state
-from shared.scripts import Scripts
+from shared import metrics
+from shared.mysql.pool import create_pool
+from shared.redis import client as redis_client
+from shared.redis import state as redis_state
+from shared.redis.scripts import Scripts
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -42,7 +45,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _mysql_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = await db.create_pool(app[appkeys.SETTINGS].mysql, minsize=1, maxsize=5)
+    pool = await create_pool(app[appkeys.SETTINGS].mysql, minsize=1, maxsize=5)
     app[appkeys.MYSQL] = pool
     if not await redis_state.state_present(app[appkeys.REDIS], pool):
         # Keep serving: every coupon answers 503 until `couponctl rebuild` restores the state.

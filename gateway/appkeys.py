@@ -8,7 +8,7 @@ import aiomysql
 from aiohttp import web
 from redis.asyncio import Redis
 
-from shared.scripts import Scripts
+from shared.redis.scripts import Scripts
 from shared.settings import Settings
 
 if TYPE_CHECKING:

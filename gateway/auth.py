@@ -21,8 +21,8 @@ import jwt
 from aiohttp import web
 
 from gateway import appkeys
-from shared.coupons import MAX_ID
 from shared.errors import Forbidden, InvalidRequest, Unauthorized
+from shared.ids import MAX_ID, canonical_id, json_id
 from shared.settings import ConfigError, Settings, load_jwt_public_key
 
 REALM = "coupon-drop"
@@ -106,16 +106,10 @@ class Authenticator:
             raise _invalid_token("the token expires later than this service allows")
         subject = claims.get("sub")
         # A canonical decimal id only: "042", "+42" or " 42" would name the same user twice.
-        if (
-            not isinstance(subject, str)
-            or not subject.isascii()
-            or not subject.isdigit()
-            or subject.startswith("0")
-            or len(subject) > 19
-            or int(subject) > MAX_ID
-        ):
+        user_id = canonical_id(subject) if isinstance(subject, str) else None
+        if user_id is None:
             raise _invalid_token("the token's sub is not a user id (1 .. 2^63-1, in decimal)")
-        return int(subject)
+        return user_id
 
 
 def _describe(error: Exception) -> str:
@@ -134,11 +128,7 @@ def _invalid_token(detail: str) -> Unauthorized:
 def claimed_user(body: dict[str, Any], field: str) -> int | None:
     """The user id a body names, or None when it names none (absent or null)."""
     value: object = body.get(field)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
-        raise InvalidRequest(f"{field} must be an integer between 1 and {MAX_ID}")
-    return value
+    return None if value is None else json_id(value, field)
 
 
 def issuing_user(request: web.Request, body: dict[str, Any], field: str) -> int:

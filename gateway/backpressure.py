@@ -16,20 +16,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.errors import Overloaded, PipelineBehind
+from shared.redis.streams import Backlog, backlogs, redis_now_ms
 
 log = structlog.get_logger(__name__)
-
-
-def _entry_ms(entry_id: str) -> int:
-    return int(entry_id.partition("-")[0])
 
 
 class PipelineHealth:
@@ -68,44 +64,23 @@ class PipelineHealth:
                 pass
 
     async def refresh(self) -> None:
-        behind: dict[int, str] = {}
         ids = [int(raw) for raw in await self._redis.smembers(keys.ACTIVE_COUPONS)]
-        now_s, now_us = await self._redis.time()
-        now_ms = now_s * 1000 + now_us // 1000
-        for coupon_id in ids:
-            reason = await self._judge(keys.CouponKeys(coupon_id).requests, now_ms)
+        now_ms = await redis_now_ms(self._redis)
+        behind: dict[int, str] = {}
+        for coupon_id, backlog in (await backlogs(self._redis, ids)).items():
+            reason = self._judge(backlog, now_ms)
             if reason is not None:
                 behind[coupon_id] = reason
         if behind.keys() != self._behind.keys():
             log.warning("pipeline_shedding", coupons=sorted(behind), reasons=behind)
         self._behind = behind
 
-    async def _judge(self, stream: str, now_ms: int) -> str | None:
-        try:
-            groups = await self._redis.xinfo_groups(stream)
-        except ResponseError:  # the stream does not exist yet
-            return None
-        group = next((g for g in groups if g["name"] == keys.GROUP), None)
-        if group is None:
-            return None
-        lag = int(group.get("lag") or 0)
-        if self._max_lag and lag > self._max_lag:
-            return f"{lag} requests wait for a worker"
-        if not self._max_age_ms:
-            return None
-        oldest: list[str] = []
-        summary = await self._redis.xpending(stream, keys.GROUP)
-        if summary and summary.get("min"):
-            oldest.append(str(summary["min"]))
-        if lag:
-            first: Any = await self._redis.xrange(
-                stream, min="(" + str(group["last-delivered-id"]), max="+", count=1
-            )
-            oldest.extend(str(entry_id) for entry_id, _ in first)
-        if oldest:
-            age_ms = now_ms - min(_entry_ms(entry_id) for entry_id in oldest)
-            if age_ms > self._max_age_ms:
-                return f"the oldest unsettled request is {age_ms / 1000:.0f} s old"
+    def _judge(self, backlog: Backlog, now_ms: int) -> str | None:
+        if self._max_lag and backlog.lag > self._max_lag:
+            return f"{backlog.lag} requests wait for a worker"
+        age_ms = 1000 * backlog.oldest_age_seconds(now_ms)
+        if self._max_age_ms and age_ms > self._max_age_ms:
+            return f"the oldest unsettled request is {age_ms / 1000:.0f} s old"
         return None
 
 

@@ -16,7 +16,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from shared import metrics
-from shared.scripts import BatchOutcome, IssueResult, Reservation, Scripts
+from shared.redis.scripts import BatchOutcome, IssueResult, Reservation, Scripts
 
 log = structlog.get_logger(__name__)
 

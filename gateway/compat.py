@@ -21,13 +21,15 @@ import structlog
 from aiohttp import web
 
 from gateway import appkeys, auth
+from gateway.bodies import json_object
 from gateway.outcomes import counted
 from gateway.problems import sampled_log
-from gateway.validation import id_field, json_object
-from shared import issue_store, keys
+from shared import keys
 from shared.errors import CouponNotFound, Rejection, SoldOut
-from shared.issue_store import Entry
-from shared.scripts import Reservation
+from shared.ids import json_id
+from shared.mysql import issue_store
+from shared.mysql.issue_store import Entry
+from shared.redis.scripts import Reservation
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -51,7 +53,7 @@ async def _decide(request: web.Request) -> tuple[int, int, Reservation]:
     A missing or non-integer field is a 400; a business "no" raises a :class:`Rejection`."""
     with counted():
         body = await json_object(request)
-        coupon_id = id_field(body, "couponId")
+        coupon_id = json_id(body.get("couponId"), "couponId")
         user_id = auth.issuing_user(request, body, "userId")
         reservation = await request.app[appkeys.ISSUER].issue(coupon_id, user_id)
     return coupon_id, user_id, reservation

@@ -9,7 +9,6 @@ from redis.exceptions import RedisError
 from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer, StateMissing
 from gateway.snapshots import SnapshotCache
-from shared.coupons import Coupon
 from shared.errors import (
     AppError,
     CouponNotFound,
@@ -19,7 +18,8 @@ from shared.errors import (
     SoldOut,
     Unavailable,
 )
-from shared.scripts import BatchOutcome, IssueResult, Reservation
+from shared.model import Coupon
+from shared.redis.scripts import BatchOutcome, IssueResult, Reservation
 
 # The local window pre-check only rejects requests that are outside the window by more than
 # this, judged by the local clock corrected by the offset to Redis time. Everything closer is

@@ -17,7 +17,6 @@ import orjson
 from aiohttp import web
 
 from gateway.problems import PROBLEM_TYPE
-from shared.coupons import COUPON_TYPE, MAX_ID, MAX_INT32
 from shared.errors import (
     AppError,
     Conflict,
@@ -34,6 +33,8 @@ from shared.errors import (
     Unauthorized,
     Unavailable,
 )
+from shared.ids import MAX_ID, MAX_INT32
+from shared.model import COUPON_TYPE
 
 Json = dict[str, Any]
 

@@ -8,9 +8,9 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import appkeys, auth
+from gateway.bodies import json_object
 from gateway.outcomes import counted
 from gateway.problems import json_response, sampled_log
-from gateway.validation import json_object, parse_id
 from shared import keys
 from shared.errors import (
     CouponNotFound,
@@ -18,6 +18,7 @@ from shared.errors import (
     RedisStateLost,
     Unavailable,
 )
+from shared.ids import parse_id
 
 routes = web.RouteTableDef()
 

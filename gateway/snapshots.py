@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys, metrics
-from shared.coupons import Coupon, load_snapshot
+from shared.model import Coupon
+from shared.redis.coupon_state import load_snapshot
 
 log = structlog.get_logger(__name__)
 

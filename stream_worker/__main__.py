@@ -14,8 +14,11 @@ import structlog
 import uvloop
 from prometheus_client import start_http_server
 
-from shared import db, metrics, redis_client, redis_state
 from shared import logging as shared_logging
+from shared import metrics
+from shared.mysql.pool import create_pool
+from shared.redis import client as redis_client
+from shared.redis import state as redis_state
 from shared.settings import ConfigError, Settings
 from stream_worker.monitor import StreamMonitor
 from stream_worker.worker import Worker
@@ -35,7 +38,7 @@ async def serve(settings: Settings, *, burst: bool = False) -> None:
     await redis.ping()
     for warning in await redis_state.check_guarantees(redis):
         log.warning("redis_durability_weak", detail=warning)
-    pool = await db.create_pool(settings.mysql, minsize=1, maxsize=2)
+    pool = await create_pool(settings.mysql, minsize=1, maxsize=2)
     worker = Worker(redis, pool, settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

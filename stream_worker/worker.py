@@ -20,10 +20,13 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import issue_store, keys, metrics, redis_client
-from shared.coupons import ensure_group
-from shared.issue_store import BatchResult, Entry, Malformed
-from shared.scripts import Scripts
+from shared import keys, metrics
+from shared.ids import id_or_none
+from shared.mysql import issue_store
+from shared.mysql.issue_store import BatchResult, Entry, Malformed
+from shared.redis import client as redis_client
+from shared.redis.coupon_state import ensure_group
+from shared.redis.scripts import Scripts
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -155,10 +158,10 @@ class Worker:
         try:
             ids = await self._redis.smembers(keys.ACTIVE_COUPONS)
             for raw in ids:
-                if not str(raw).isdigit():  # only an operator with Redis access can write junk
+                coupon_id = id_or_none(str(raw))
+                if coupon_id is None:  # only an operator with Redis access can write junk
                     log.warning("active_coupon_ignored", member=str(raw)[:64])
                     continue
-                coupon_id = int(raw)
                 stream = keys.CouponKeys(coupon_id).requests
                 if stream not in self._streams:
                     await ensure_group(self._redis, coupon_id)
@@ -405,8 +408,7 @@ class Worker:
                 entries.append(Entry.parse(coupon_id, entry_id, fields))
             except Malformed:
                 # No user can ever hold a row for it; release what it names, if anything.
-                user = fields.get("u", "")
-                user_id = int(user) if user.isdigit() and 0 < int(user) < 2**63 else None
+                user_id = id_or_none(fields.get("u", ""))
                 await self._until_done(
                     lambda c=coupon_id, e=entry_id, u=user_id: self._scripts.release(
                         c, e, u, "malformed", deliveries.get(e, 0)

@@ -18,7 +18,12 @@ from pytest_redis import factories as redis_factories
 from redis.asyncio import Redis
 
 from gateway.app import create_app
-from shared import coupons, db, redis_client
+from shared.coupon_requests import NewCoupon
+from shared.model import Coupon
+from shared.mysql.migrations import migrate
+from shared.mysql.pool import create_pool
+from shared.ops import coupons
+from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests import invariants
 
@@ -87,7 +92,7 @@ def base_settings(redis_proc: Any, mysql_service_user: str) -> Settings:
 
 @pytest.fixture(scope="session")
 def _migrated(base_settings: Settings) -> None:
-    asyncio.run(db.migrate(base_settings.mysql))
+    asyncio.run(migrate(base_settings.mysql))
 
 
 @pytest.fixture
@@ -107,7 +112,7 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def pool(settings: Settings) -> AsyncIterator[aiomysql.Pool]:
     """A pool on empty tables."""
-    pool = await db.create_pool(settings.mysql, maxsize=4)
+    pool = await create_pool(settings.mysql, maxsize=4)
     async with pool.acquire() as conn, conn.cursor() as cur:
         for table in ("coupon_issues", "coupon_issue_dead_letters", "coupons"):
             await cur.execute(f"DELETE FROM {table}")
@@ -128,7 +133,7 @@ async def client(
     return await aiohttp_client(create_app(settings))
 
 
-CouponFactory = Callable[..., Awaitable[coupons.Coupon]]
+CouponFactory = Callable[..., Awaitable[Coupon]]
 
 
 @pytest.fixture
@@ -141,9 +146,9 @@ def make_coupon(pool: aiomysql.Pool, redis: Redis) -> CouponFactory:
         start: datetime | None = None,
         end: datetime | None = None,
         title: str = "drop",
-    ) -> coupons.Coupon:
+    ) -> Coupon:
         now = datetime.now(UTC)
-        new = coupons.NewCoupon(
+        new = NewCoupon(
             title=title,
             total_quantity=total,
             discount_amount=1000,

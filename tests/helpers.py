@@ -77,7 +77,7 @@ async def couponctl(
     child_env.update(settings.to_env())
     child_env.update(env or {})
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", *args,
+        sys.executable, "-m", "shared.ops.cli", *args,
         cwd=REPO, env=child_env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -11,7 +11,7 @@ import aiomysql
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.coupons import Coupon
+from shared.model import Coupon
 
 
 @dataclass(frozen=True)

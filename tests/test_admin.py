@@ -19,9 +19,10 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from gateway.app import create_app
-from shared import coupons, keys
-from shared.coupons import Coupon
-from shared.scripts import Scripts
+from shared import keys
+from shared.model import Coupon
+from shared.mysql import coupon_rows
+from shared.redis.scripts import Scripts
 from shared.settings import ConfigError, Settings
 from tests.conftest import ADMIN_TOKEN, CouponFactory
 from tests.helpers import ADMIN, assert_problem, couponctl, drain, issue
@@ -53,7 +54,7 @@ def coupon_body(**changes: Any) -> dict[str, Any]:
     return body
 
 
-async def coupon_rows(pool: aiomysql.Pool) -> int:
+async def coupon_row_count(pool: aiomysql.Pool) -> int:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute("SELECT COUNT(*) FROM coupons")
         (count,) = await cur.fetchone()
@@ -62,7 +63,7 @@ async def coupon_rows(pool: aiomysql.Pool) -> int:
 
 
 async def assert_no_coupon_created(pool: aiomysql.Pool, redis: Redis) -> None:
-    assert await coupon_rows(pool) == 0
+    assert await coupon_row_count(pool) == 0
     # Only the marker a fresh system gets at gateway start (shared/redis_state.py).
     assert set(await redis.keys("*")) <= {keys.STATE_MARKER}
 
@@ -136,7 +137,7 @@ async def test_create_with_token_is_201_and_ready_to_issue(
         assert abs(shift) < timedelta(milliseconds=1), field
 
     # The MySQL row and the Redis state both exist.
-    coupon = await coupons.fetch_coupon(pool, created["id"])
+    coupon = await coupon_rows.fetch_coupon(pool, created["id"])
     assert coupon is not None
     assert coupon.title == "launch"
     assert await redis.exists(keys.CouponKeys(coupon.id).meta)
@@ -156,7 +157,7 @@ async def test_unlimited_coupon_can_be_created(client: Client, pool: aiomysql.Po
     assert response.status == 201
     created = await response.json()
     assert created["total_quantity"] is None
-    coupon = await coupons.fetch_coupon(pool, created["id"])
+    coupon = await coupon_rows.fetch_coupon(pool, created["id"])
     assert coupon is not None
     assert coupon.total_quantity is None
 
@@ -369,7 +370,7 @@ async def test_couponctl_creates_a_coupon_that_issues_and_shows(
     assert (shown["requested"], shown["pending"], shown["remaining"]) == (1, 1, 4)
 
     await drain(redis, pool, settings)
-    coupon = await coupons.fetch_coupon(pool, coupon_id)
+    coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
     assert isinstance(coupon, Coupon)
     await check_invariants(coupon, accepted={1})
 

@@ -21,8 +21,12 @@ from port_for import get_port
 from redis.asyncio import Redis
 
 from gateway.app import create_app
-from shared import coupons, keys, redis_client
-from shared.coupons import CouponChange, update_coupon
+from shared import keys
+from shared.coupon_requests import CouponChange, NewCoupon
+from shared.model import Coupon
+from shared.ops import coupons
+from shared.ops.coupons import update_coupon
+from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests.helpers import drain, issue, wait_for
 from tests.invariants import Checker
@@ -152,9 +156,9 @@ async def test_top_up_reaches_the_gateway_through_cluster_pub_sub(
 def make_coupon_on(pool: Any) -> Any:
     """Create a coupon through the admin code path, on the cluster."""
 
-    async def make(redis: Redis, total: int | None) -> coupons.Coupon:
+    async def make(redis: Redis, total: int | None) -> Coupon:
         now = datetime.now(UTC)
-        new = coupons.NewCoupon(
+        new = NewCoupon(
             title="cluster drop",
             total_quantity=total,
             discount_amount=0,

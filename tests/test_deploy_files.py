@@ -35,7 +35,8 @@ from mirakuru import TCPExecutor
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from shared import cli, db
+from shared.mysql.migrations import migrate
+from shared.ops import cli
 from shared.settings import ENVIRONMENT, MySQLDsn, Settings
 from tests.helpers import REPO
 
@@ -823,7 +824,7 @@ async def test_mysql_service_account_can_migrate_and_nothing_more(
         dsn = MySQLDsn(
             host="127.0.0.1", port=mysql_proc.port, user=user, password=password, database=database
         )
-        applied = await db.migrate(dsn)
+        applied = await migrate(dsn)
         assert applied, "no migration was applied to the fresh database"
         connection = pymysql.connect(
             host="127.0.0.1", port=mysql_proc.port, user=user, password=password

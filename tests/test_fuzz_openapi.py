@@ -40,8 +40,12 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from shared import coupons, db, redis_client
-from shared.coupons import Coupon
+from shared.coupon_requests import NewCoupon
+from shared.model import Coupon
+from shared.mysql import coupon_rows
+from shared.mysql.pool import create_pool
+from shared.ops import coupons
+from shared.redis import client as redis_client
 from shared.settings import Settings
 from stream_worker.worker import Worker
 from tests.conftest import ADMIN_TOKEN
@@ -64,7 +68,7 @@ JWT_USER = 4242
 async def _reset_and_make_coupons(settings: Settings) -> list[Coupon]:
     """Empty stores, then coupons in every interesting state."""
     redis = redis_client.connect(settings.redis_url, socket_timeout=5.0)
-    pool = await db.create_pool(settings.mysql, maxsize=2)
+    pool = await create_pool(settings.mysql, maxsize=2)
     try:
         await redis.flushall()
         async with pool.acquire() as conn, conn.cursor() as cur:
@@ -82,7 +86,7 @@ async def _reset_and_make_coupons(settings: Settings) -> list[Coupon]:
         ]
         made = []
         for title, total, start, end in shapes:
-            new = coupons.NewCoupon(title, total, 1000, 10000, start, end)
+            new = NewCoupon(title, total, 1000, 10000, start, end)
             made.append(await coupons.create_coupon(pool, redis, new))
         return made
     finally:
@@ -95,13 +99,13 @@ async def _drain_and_check(
     settings: Settings, made: list[Coupon], accepted: set[tuple[int, int]]
 ) -> None:
     redis = redis_client.connect(settings.redis_url, socket_timeout=5.0)
-    pool = await db.create_pool(settings.mysql, maxsize=2)
+    pool = await create_pool(settings.mysql, maxsize=2)
     try:
         await Worker(redis, pool, settings).run(burst=True)
         check = Checker(pool, redis)
         for coupon in made:
             # Coupons the fuzz may have changed (PATCH) are re-read: I1 is about the final total.
-            current = await coupons.fetch_coupon(pool, coupon.id)
+            current = await coupon_rows.fetch_coupon(pool, coupon.id)
             assert current is not None
             await check(current, accepted=[user for cid, user in accepted if cid == coupon.id])
     finally:

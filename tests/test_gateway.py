@@ -28,9 +28,11 @@ from redis.asyncio import Redis
 
 from gateway import appkeys
 from gateway.app import create_app
-from shared import coupons, keys, redis_client
-from shared.coupons import Coupon
-from shared.scripts import Scripts
+from shared import keys
+from shared.model import Coupon
+from shared.mysql import coupon_rows
+from shared.redis import client as redis_client
+from shared.redis.scripts import Scripts
 from shared.settings import Settings
 from tests.conftest import CouponFactory
 from tests.helpers import ADMIN, assert_problem, drain, issue, row_count, wait_for
@@ -599,7 +601,7 @@ async def test_issue_is_503_while_redis_stalls_and_recovers_after(
         async with TestClient(TestServer(app)) as client:
             response = await client.post("/admin/coupons", json=_coupon_body(5), headers=ADMIN)
             assert response.status == 201
-            coupon = await coupons.fetch_coupon(pool, (await response.json())["id"])
+            coupon = await coupon_rows.fetch_coupon(pool, (await response.json())["id"])
             assert coupon is not None
             assert (await issue(client, coupon.id, 1))[0] == 202
 

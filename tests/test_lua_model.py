@@ -30,9 +30,10 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-from shared import keys, redis_client
-from shared.coupons import MAX_ID
-from shared.scripts import IssueResult, Scripts, UpdateStatus
+from shared import keys
+from shared.ids import MAX_ID
+from shared.redis import client as redis_client
+from shared.redis.scripts import IssueResult, Scripts, UpdateStatus
 from shared.settings import Settings
 
 T = TypeVar("T")

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.metrics import ISSUE_OUTCOMES
-from shared.scripts import IssueResult, Scripts
+from shared.redis.scripts import IssueResult, Scripts
 from shared.settings import Settings
 from stream_worker.monitor import OTHER, StreamMonitor
 from tests.conftest import CouponFactory

@@ -29,7 +29,7 @@ from referencing.jsonschema import DRAFT202012
 from gateway import openapi, problems
 from gateway.app import create_app
 from shared import errors
-from shared.coupons import MAX_ID
+from shared.ids import MAX_ID
 from shared.settings import Settings
 from tests.conftest import CouponFactory
 from tests.helpers import ADMIN, drain

@@ -37,8 +37,10 @@ from redis.asyncio import Redis
 
 from gateway.app import create_app
 from gateway.ratelimit import RateLimiter
-from shared import coupons, keys
-from shared.coupons import MAX_ID, Coupon
+from shared import keys
+from shared.ids import MAX_ID
+from shared.model import Coupon
+from shared.mysql import coupon_rows
 from shared.settings import ConfigError, Settings
 from tests.conftest import ADMIN_TOKEN, MYSQL_PASSWORD, CouponFactory
 from tests.helpers import ADMIN, REPO, GatewayProcess, assert_problem, child_env, couponctl, drain
@@ -497,7 +499,7 @@ async def test_admin_port_serves_admin_routes_and_the_public_port_none(
     # Created through the admin listener, issuable at once on the public one.
     assert (await public.post(f"/v1/coupons/{coupon_id}/issues", json={"user_id": 1})).status == 202
     await drain(redis, pool, settings)
-    coupon = await coupons.fetch_coupon(pool, coupon_id)
+    coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
     assert coupon is not None
     await check_invariants(coupon, accepted=[1])
 

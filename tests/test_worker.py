@@ -29,9 +29,11 @@ import pytest
 from pymysql.constants import CLIENT
 from redis.asyncio import Redis
 
-from shared import db, issue_store, keys
-from shared.issue_store import BatchResult, Entry
-from shared.scripts import Scripts
+from shared import keys
+from shared.mysql import issue_store
+from shared.mysql.issue_store import BatchResult, Entry
+from shared.mysql.pool import create_pool
+from shared.redis.scripts import Scripts
 from shared.settings import Settings
 from stream_worker.worker import Worker
 from tests.helpers import drain, issue, row_count, wait_for
@@ -43,7 +45,8 @@ DRAIN_WITHIN = 30.0
 CRASH_AFTER_COMMIT = textwrap.dedent(
     """
     import asyncio, os
-    from shared import db, redis_client
+    from shared.mysql.pool import create_pool
+    from shared.redis import client as redis_client
     from shared.settings import Settings
     from stream_worker.worker import Worker
 
@@ -54,7 +57,7 @@ CRASH_AFTER_COMMIT = textwrap.dedent(
     async def main():
         settings = Settings.from_env()
         redis = redis_client.connect(settings.redis_url, socket_timeout=5.0)
-        pool = await db.create_pool(settings.mysql)
+        pool = await create_pool(settings.mysql)
         await CrashAfterCommit(redis, pool, settings).run(burst=True)
 
     asyncio.run(main())
@@ -288,7 +291,7 @@ async def test_same_entry_written_twice_gives_one_row(
 async def test_a_pool_counting_matched_rows_is_refused(settings):
     # With CLIENT.FOUND_ROWS a redelivered entry would count as a row created (see above).
     with pytest.raises(ValueError, match="FOUND_ROWS"):
-        await db.create_pool(settings.mysql, client_flag=CLIENT.FOUND_ROWS)
+        await create_pool(settings.mysql, client_flag=CLIENT.FOUND_ROWS)
 
 
 async def test_entry_committed_but_unacked_is_reclaimed_without_second_row(

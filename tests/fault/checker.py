@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from shared import coupons, keys
+from shared import keys
+from shared.model import Coupon
 from tests.fault.harness import Stack
 from tests.fault.load import History, Kind
 from tests.invariants import Checker, Snapshot
@@ -59,7 +60,7 @@ class Verdict:
 
 async def check(
     stack: Stack,
-    coupon: coupons.Coupon,
+    coupon: Coupon,
     history: History,
     *,
     tolerate_lost: bool = False,

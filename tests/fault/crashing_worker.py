@@ -28,8 +28,8 @@ import aiomysql
 from redis.asyncio import Redis
 
 import stream_worker.__main__ as worker_main
-from shared import issue_store
-from shared.issue_store import BatchResult, Entry
+from shared.mysql import issue_store
+from shared.mysql.issue_store import BatchResult, Entry
 from shared.settings import Settings
 from stream_worker.worker import Delivered, Worker
 

@@ -40,7 +40,13 @@ from mirakuru import HTTPExecutor, SimpleExecutor, TCPExecutor
 from mirakuru.exceptions import ExecutorError
 from redis.exceptions import RedisError
 
-from shared import coupons, db, keys, redis_client
+from shared import keys
+from shared.coupon_requests import NewCoupon
+from shared.model import Coupon
+from shared.mysql.migrations import migrate
+from shared.mysql.pool import create_pool
+from shared.ops import coupons
+from shared.redis import client as redis_client
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -541,7 +547,7 @@ class Stack:
     @contextlib.asynccontextmanager
     async def mysql(self) -> AsyncIterator[aiomysql.Pool]:
         """A fresh pool: connections of an earlier pool may have died with a killed server."""
-        pool = await db.create_pool(self.settings.mysql, maxsize=2)
+        pool = await create_pool(self.settings.mysql, maxsize=2)
         try:
             yield pool
         finally:
@@ -562,9 +568,9 @@ class Stack:
         start: datetime,
         end: datetime,
         title: str = "fault drop",
-    ) -> coupons.Coupon:
+    ) -> Coupon:
         """The same code path as ``POST /admin/coupons``: MySQL row, then Redis state."""
-        new = coupons.NewCoupon(
+        new = NewCoupon(
             title=title,
             total_quantity=total,
             discount_amount=1000,
@@ -658,7 +664,7 @@ async def make_stack(
         await redis_server.start()
         if mysql_server is not None:
             await mysql_server.start()
-        await db.migrate(stack.settings.mysql)
+        await migrate(stack.settings.mysql)
     except BaseException:
         await stack.close()
         raise

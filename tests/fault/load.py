@@ -27,7 +27,7 @@ import aiohttp
 import orjson
 from redis.asyncio import Redis
 
-from shared.scripts import IssueResult, Scripts
+from shared.redis.scripts import IssueResult, Scripts
 
 DEFINITE_REJECTIONS = frozenset({400, 401, 403, 404, 409, 413, 429})
 NATIVE, SEED_ASYNC = "native", "seed-async"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from shared.coupons import from_ms
+from shared.model import from_ms
 from tests.fault.checker import check
 from tests.fault.harness import wait_until
 from tests.fault.load import Kind, LoadClient

@@ -18,7 +18,7 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 
-from shared.coupons import from_ms
+from shared.model import from_ms
 from tests.fault.checker import check
 from tests.fault.load import Kind, LoadClient
 

@@ -23,7 +23,8 @@ import signal
 import time
 from datetime import UTC, datetime, timedelta
 
-from shared import coupons, keys
+from shared import keys
+from shared.model import Coupon
 from tests.fault.checker import Verdict, check
 from tests.fault.harness import Stack, WorkerProcess, wait_until
 from tests.fault.load import LoadClient
@@ -123,7 +124,7 @@ async def test_scaling_workers_1_to_4_to_1_during_a_drop_loses_nothing(stacks, m
     workers = [await stack.start_worker(0)]
     now = datetime.now(UTC)
     window = {"start": now - timedelta(minutes=1), "end": now + timedelta(hours=1)}
-    drop: list[coupons.Coupon] = [
+    drop: list[Coupon] = [
         await stack.create_coupon(SMALL_TOTAL, title="scale small", **window),
         await stack.create_coupon(LARGE_TOTAL, title="scale large", **window),
         await stack.create_coupon(None, title="scale unlimited", **window),

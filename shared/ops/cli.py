@@ -34,9 +34,15 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from tqdm import tqdm
 
-from shared import coupons, db, dead_letters, keys, rebuild, reconcile, redis_client
+from shared import keys
 from shared import logging as shared_logging
-from shared.errors import AppError, CouponNotFound
+from shared.coupon_requests import CouponChange, NewCoupon
+from shared.errors import AppError
+from shared.mysql import coupon_rows
+from shared.mysql.migrations import migrate
+from shared.mysql.pool import create_pool
+from shared.ops import coupons, dead_letters, rebuild, reconcile
+from shared.redis import client as redis_client
 from shared.settings import ConfigError, Settings
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, Any]]
@@ -122,7 +128,7 @@ class Stores:
 
 @contextlib.asynccontextmanager
 async def _stores(settings: Settings) -> AsyncIterator[Stores]:
-    pool = await db.create_pool(settings.mysql, maxsize=1)
+    pool = await create_pool(settings.mysql, maxsize=1)
     redis = redis_client.connect(
         settings.redis_url, socket_timeout=5.0, cluster=settings.redis_cluster
     )
@@ -142,14 +148,14 @@ def _moment(raw: str, option: str) -> datetime:
 
 
 async def _migrate(settings: Settings, args: argparse.Namespace) -> Any:
-    applied = await db.migrate(settings.mysql)
+    applied = await migrate(settings.mysql)
     return {"database": settings.mysql.database, "applied": applied}
 
 
 async def _create(settings: Settings, args: argparse.Namespace) -> Any:
     start = _moment(args.start, "--start") if args.start else datetime.now(UTC)
     end = _moment(args.end, "--end") if args.end else start + timedelta(minutes=args.minutes)
-    new = coupons.NewCoupon.from_json(
+    new = NewCoupon.from_json(
         {
             "title": args.title,
             "total_quantity": args.total,
@@ -168,21 +174,13 @@ async def _list(settings: Settings, args: argparse.Namespace) -> Any:
         return await coupons.list_coupons(stores.pool, after_id=args.after, limit=args.limit)
 
 
-async def _coupon_with_counters(stores: Stores, coupon_id: int) -> dict[str, Any]:
-    coupon = await coupons.fetch_coupon(stores.pool, coupon_id)
-    if coupon is None:
-        raise CouponNotFound(f"coupon {coupon_id} does not exist")
-    counts = await coupons.counters(stores.pool, stores.redis, coupon)
-    return {**coupon.public(), **counts.as_dict()}
-
-
 async def _show(settings: Settings, args: argparse.Namespace) -> Any:
     async with _stores(settings) as stores:
-        return await _coupon_with_counters(stores, args.coupon_id)
+        return await coupons.show_coupon(stores.pool, stores.redis, args.coupon_id)
 
 
 async def _change(settings: Settings, coupon_id: int, body: dict[str, Any]) -> Any:
-    change = coupons.CouponChange.from_json(body)
+    change = CouponChange.from_json(body)
     async with _stores(settings) as stores:
         return (await coupons.update_coupon(stores.pool, stores.redis, coupon_id, change)).public()
 
@@ -220,7 +218,7 @@ async def _status(settings: Settings, args: argparse.Namespace) -> None:
         previous: tuple[float, int] | None = None
         shown = 0
         while True:
-            row = await _coupon_with_counters(stores, args.coupon_id)
+            row = await coupons.show_coupon(stores.pool, stores.redis, args.coupon_id)
             now = time.monotonic()
             rate = None if previous is None else (row["issued"] - previous[1]) / (now - previous[0])
             previous = (now, row["issued"])
@@ -258,7 +256,7 @@ async def _reconcile(settings: Settings, args: argparse.Namespace) -> Any:
         if args.coupon_id is not None:
             ids = [args.coupon_id]
         else:
-            ids = [c["id"] for c in await coupons.list_coupons(stores.pool, limit=1_000_000)]
+            ids = await coupon_rows.coupon_ids(stores.pool)
         drifts = []
         for coupon_id in ids:
             length = int(await stores.redis.xlen(keys.CouponKeys(coupon_id).requests))

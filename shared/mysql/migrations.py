@@ -1,33 +1,19 @@
-"""MySQL connections and schema migrations."""
+"""The MySQL schema: numbered SQL files in ``schema/``, applied once each, in order."""
 
 from __future__ import annotations
 
 import re
 import warnings
 from importlib import resources
-from typing import Any
 
 import aiomysql
 import pymysql
 import structlog
-from pymysql.constants import CLIENT
 
+from shared.mysql.pool import INIT_COMMAND
 from shared.settings import MySQLDsn
 
 log = structlog.get_logger(__name__)
-
-# A transaction left open by a process that stopped mid-way (SIGSTOP, a paused VM, a hung host)
-# keeps its coupon row locked, and every other worker waits on that lock. MariaDB ends such a
-# session after this many idle seconds, releasing the lock; the late process finds its
-# connection gone and retries idempotently. Our transactions never sit idle anywhere near this.
-IDLE_TRANSACTION_TIMEOUT_SECONDS = 10
-
-# Every timestamp in MySQL is UTC, whatever the server's own zone is. The /*M! ... */ part is
-# run by MariaDB only (MySQL has no idle_transaction_timeout and skips it).
-_INIT_COMMAND = (
-    "SET time_zone = '+00:00'"
-    f" /*M!100300 , idle_transaction_timeout = {IDLE_TRANSACTION_TIMEOUT_SECONDS} */"
-)
 
 MIGRATIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -38,38 +24,9 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 """
 
 
-async def create_pool(
-    dsn: MySQLDsn, *, minsize: int = 1, maxsize: int = 10, **extra: Any
-) -> aiomysql.Pool:
-    """A pool of autocommit-off connections in UTC; pinged once so bad settings fail at start.
-
-    Never with ``CLIENT.FOUND_ROWS``: the issue store reads an upsert's row count as the rows it
-    created, which that flag would turn into the rows it matched.
-    """
-    if int(extra.get("client_flag", 0)) & CLIENT.FOUND_ROWS:
-        raise ValueError("the issue store needs affected-row counts, not CLIENT.FOUND_ROWS")
-    pool = await aiomysql.create_pool(
-        host=dsn.host,
-        port=dsn.port,
-        user=dsn.user,
-        password=dsn.password,
-        db=dsn.database,
-        minsize=minsize,
-        maxsize=maxsize,
-        autocommit=False,
-        init_command=_INIT_COMMAND,
-        connect_timeout=5,
-        pool_recycle=3600,
-        **extra,
-    )
-    async with pool.acquire() as conn:
-        await conn.ping(reconnect=False)
-    return pool
-
-
 def _migration_files() -> list[tuple[int, str, str]]:
     found = []
-    for entry in resources.files("shared.migrations").iterdir():
+    for entry in resources.files("shared.mysql").joinpath("schema").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
@@ -96,7 +53,7 @@ async def migrate(dsn: MySQLDsn) -> list[str]:
         port=dsn.port,
         user=dsn.user,
         password=dsn.password,
-        init_command=_INIT_COMMAND,
+        init_command=INIT_COMMAND,
         connect_timeout=5,
         autocommit=True,
     )

@@ -23,8 +23,8 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.errors import CouponNotFound
-from shared.rebuild import dead_request_ids
-from shared.streams import StreamEntry, scan, unsettled_ids
+from shared.mysql import coupon_rows
+from shared.redis.streams import StreamEntry, scan, unsettled_ids
 
 CLASSES = (
     "accepted_missing",
@@ -53,17 +53,11 @@ class Drift:
         return sum(self.counts().values())
 
 
-async def _mysql_view(pool: aiomysql.Pool, coupon_id: int) -> tuple[set[int], int]:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
-        row = await cur.fetchone()
-        if row is None:
-            await conn.rollback()
-            raise CouponNotFound(f"coupon {coupon_id} does not exist")
-        await cur.execute("SELECT user_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
-        users = {int(r[0]) for r in await cur.fetchall()}
-        await conn.rollback()
-    return users, int(row[0])
+async def _issued_view(pool: aiomysql.Pool, coupon_id: int) -> tuple[set[int], int]:
+    view = await coupon_rows.issued_view(pool, coupon_id)
+    if view is None:
+        raise CouponNotFound(f"coupon {coupon_id} does not exist")
+    return view
 
 
 async def reconcile(
@@ -76,8 +70,8 @@ async def reconcile(
 ) -> Drift:
     """Find (and with ``repair``, fix) the drift of one coupon between Redis and MySQL."""
     k = keys.CouponKeys(coupon_id)
-    rows, issued_quantity = await _mysql_view(pool, coupon_id)
-    dead_ids = await dead_request_ids(pool, coupon_id)
+    rows, issued_quantity = await _issued_view(pool, coupon_id)
+    dead_ids = await coupon_rows.dead_request_ids(pool, coupon_id)
     async for batch in scan(redis, k.dead):
         dead_ids.update(e.fields.get("source_id", "") for e in batch)
     unsettled = await unsettled_ids(redis, k.requests)
@@ -145,12 +139,4 @@ async def _repair(
         await pipe.execute()
     await redis.publish(keys.CHANGES_CHANNEL, k.coupon_id)
     if drift.found["counter_mismatch"]:
-        async with pool.acquire() as conn, conn.cursor() as cur:
-            await conn.begin()
-            await cur.execute("SELECT id FROM coupons WHERE id = %s FOR UPDATE", (k.coupon_id,))
-            await cur.execute(
-                "UPDATE coupons SET issued_quantity = (SELECT COUNT(*) FROM coupon_issues"
-                " WHERE coupon_id = %s) WHERE id = %s",
-                (k.coupon_id, k.coupon_id),
-            )
-            await conn.commit()
+        await coupon_rows.recount_issued(pool, k.coupon_id)

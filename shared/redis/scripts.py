@@ -42,7 +42,7 @@ class UpdateStatus(enum.IntEnum):
 
 
 def _source(name: str) -> str:
-    return resources.files("shared.lua").joinpath(name).read_text(encoding="utf-8")
+    return (resources.files("shared.redis") / "lua" / name).read_text(encoding="utf-8")
 
 
 @dataclass(frozen=True, slots=True)

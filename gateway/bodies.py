@@ -1,5 +1,4 @@
-"""Parsing of ids and bodies. Everything here raises :class:`InvalidRequest` (a 400), so no
-Redis key is ever built from unvalidated input."""
+"""Reading a request body: bounded in size and time, and a JSON object or a 400."""
 
 from __future__ import annotations
 
@@ -10,26 +9,7 @@ import orjson
 from aiohttp import web
 
 from gateway import appkeys
-from shared.coupons import MAX_ID
 from shared.errors import BodyTimeout, InvalidRequest
-
-
-def parse_id(raw: str, name: str) -> int:
-    """A positive 64-bit id from a path segment: plain decimal digits, 1 .. 2^63-1."""
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-        raise InvalidRequest(f"{name} must be an integer between 1 and {MAX_ID}")
-    value = int(raw)
-    if not 1 <= value <= MAX_ID:
-        raise InvalidRequest(f"{name} must be an integer between 1 and {MAX_ID}")
-    return value
-
-
-def id_field(body: dict[str, Any], name: str) -> int:
-    """A positive 64-bit id from a JSON body (booleans and floats are refused)."""
-    value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
-        raise InvalidRequest(f"{name} must be an integer between 1 and {MAX_ID}")
-    return value
 
 
 async def json_object(request: web.Request) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import structlog
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.mysql import coupon_rows
 from shared.settings import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -54,11 +55,7 @@ async def state_present(redis: Redis, pool: aiomysql.Pool) -> bool:
     if await redis.scard(keys.ACTIVE_COUPONS):
         await mark_initialised(redis)
         return True
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT EXISTS (SELECT 1 FROM coupons)")
-        (has_coupons,) = await cur.fetchone()
-        await conn.rollback()
-    if has_coupons:
+    if await coupon_rows.any_coupon(pool):
         return False
     await mark_initialised(redis)
     return True

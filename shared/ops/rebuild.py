@@ -15,10 +15,12 @@ import aiomysql
 import structlog
 from redis.asyncio import Redis
 
-from shared import keys, redis_state
-from shared.coupons import ensure_group, fetch_coupon
+from shared import keys
 from shared.errors import CouponNotFound
-from shared.streams import scan
+from shared.mysql import coupon_rows
+from shared.redis import state as redis_state
+from shared.redis.coupon_state import publish_state
+from shared.redis.streams import scan
 
 log = structlog.get_logger(__name__)
 
@@ -33,33 +35,15 @@ class RebuildReport:
     remaining: int | None
 
 
-async def issued_users(pool: aiomysql.Pool, coupon_id: int) -> set[int]:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT user_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
-        users = {int(row[0]) for row in await cur.fetchall()}
-        await conn.rollback()
-    return users
-
-
-async def dead_request_ids(pool: aiomysql.Pool, coupon_id: int) -> set[str]:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute(
-            "SELECT request_id FROM coupon_issue_dead_letters WHERE coupon_id = %s", (coupon_id,)
-        )
-        ids = {str(row[0]) for row in await cur.fetchall()}
-        await conn.rollback()
-    return ids
-
-
 async def rebuild_coupon(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> RebuildReport:
     """Rebuild one coupon's snapshot, dedup set and issued marks; reopen it."""
-    coupon = await fetch_coupon(pool, coupon_id)
+    coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
     if coupon is None:
         raise CouponNotFound(f"coupon {coupon_id} does not exist")
     k = keys.CouponKeys(coupon_id)
     await redis.delete(k.meta)  # closed: reservations answer "no state" (503) from here on
-    issued = await issued_users(pool, coupon_id)
-    dead = await dead_request_ids(pool, coupon_id)
+    issued = await coupon_rows.issued_users(pool, coupon_id)
+    dead = await coupon_rows.dead_request_ids(pool, coupon_id)
     queued: set[int] = set()
     async for batch in scan(redis, k.requests):
         for entry in batch:
@@ -74,10 +58,7 @@ async def rebuild_coupon(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> R
             pipe.sadd(k.issued, *issued)
             pipe.srem(k.failed, *issued)
         await pipe.execute()
-    await ensure_group(redis, coupon_id)
-    await redis.sadd(keys.ACTIVE_COUPONS, coupon_id)
-    await redis.hset(k.meta, mapping=coupon.to_meta())  # type: ignore[arg-type]
-    await redis.publish(keys.CHANGES_CHANNEL, coupon_id)
+    await publish_state(redis, coupon)  # the snapshot goes last: this reopens the coupon
     total = coupon.total_quantity
     report = RebuildReport(
         coupon_id=coupon_id,
@@ -91,10 +72,7 @@ async def rebuild_coupon(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> R
 
 async def rebuild_all(pool: aiomysql.Pool, redis: Redis) -> list[RebuildReport]:
     """Rebuild every coupon, then mark Redis as holding the whole state again."""
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT id FROM coupons ORDER BY id")
-        ids = [int(row[0]) for row in await cur.fetchall()]
-        await conn.rollback()
+    ids = await coupon_rows.coupon_ids(pool)
     reports = [await rebuild_coupon(pool, redis, coupon_id) for coupon_id in ids]
     await redis_state.mark_initialised(redis)
     return reports

@@ -16,11 +16,12 @@ from typing import Any
 import aiomysql
 from redis.asyncio import Redis
 
-from shared import issue_store, keys
+from shared import keys
 from shared.errors import InvalidRequest
-from shared.issue_store import Entry, Malformed
-from shared.scripts import Scripts
-from shared.streams import StreamEntry, scan
+from shared.mysql import issue_store
+from shared.mysql.issue_store import Entry, Malformed
+from shared.redis.scripts import Scripts
+from shared.redis.streams import StreamEntry, scan
 
 
 @dataclass(frozen=True, slots=True)

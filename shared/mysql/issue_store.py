@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 import aiomysql
 import pymysql
 
-from shared.coupons import MAX_ID
+from shared.ids import MAX_ID, entry_order
+from shared.mysql.pool import transaction
 
 # One row of the multi-row INSERT. The acceptance time travels as epoch milliseconds and MySQL
 # turns it into the DATETIME: building and escaping 500 datetime objects in Python cost more
@@ -96,8 +97,7 @@ class Entry:
     @property
     def sort_key(self) -> tuple[int, int]:
         """Stream order: entry ids are ``<ms>-<seq>``."""
-        ms, _, seq = self.entry_id.partition("-")
-        return int(ms), int(seq or 0)
+        return entry_order(self.entry_id)
 
     @property
     def accepted_at(self) -> datetime:
@@ -208,33 +208,23 @@ async def write_batch(pool: aiomysql.Pool, entries: Sequence[Entry]) -> BatchRes
 async def _write(pool: aiomysql.Pool, entries: Sequence[Entry], *, optimistic: bool) -> BatchResult:
     result = BatchResult()
     groups = _by_coupon(entries)
-    async with pool.acquire() as conn:
-        try:
-            # No BEGIN: the connections run with autocommit off, so the first statement opens
-            # the transaction (one round trip fewer per batch).
-            async with conn.cursor() as cur:
-                coupon_ids = [cid for cid, _ in groups]
-                room_by_coupon = await _lock_coupons(cur, coupon_ids)
-                # The coupons whose entries are looked up before they are written.
-                look_first = (
-                    await _coupons_with_dead_letters(cur, coupon_ids)
-                    if optimistic
-                    else set(coupon_ids)
-                )
-                for coupon_id, group in groups:
-                    if coupon_id not in room_by_coupon:
-                        result.unknown_coupon.extend(group)
-                        continue
-                    room = room_by_coupon[coupon_id]
-                    if coupon_id not in look_first and _fits(group, room):
-                        await _insert_all(cur, coupon_id, group)
-                        result.inserted.extend(group)
-                    else:
-                        await _settle_coupon(cur, coupon_id, group, room, result)
-            await conn.commit()
-        except BaseException:
-            await _rollback_quietly(conn)
-            raise
+    async with transaction(pool) as cur:
+        coupon_ids = [cid for cid, _ in groups]
+        room_by_coupon = await _lock_coupons(cur, coupon_ids)
+        # The coupons whose entries are looked up before they are written.
+        look_first = (
+            await _coupons_with_dead_letters(cur, coupon_ids) if optimistic else set(coupon_ids)
+        )
+        for coupon_id, group in groups:
+            if coupon_id not in room_by_coupon:
+                result.unknown_coupon.extend(group)
+                continue
+            room = room_by_coupon[coupon_id]
+            if coupon_id not in look_first and _fits(group, room):
+                await _insert_all(cur, coupon_id, group)
+                result.inserted.extend(group)
+            else:
+                await _settle_coupon(cur, coupon_id, group, room, result)
     return result
 
 
@@ -327,35 +317,19 @@ async def dead_letter(pool: aiomysql.Pool, entries: Sequence[Entry], reason: str
     result = BatchResult()
     if not entries:
         return result
-    async with pool.acquire() as conn:
-        try:
-            await conn.begin()
-            async with conn.cursor() as cur:
-                groups = _by_coupon(entries)
-                known = await _lock_coupons(cur, [cid for cid, _ in groups])
-                for coupon_id, group in groups:
-                    issued = set()
-                    if coupon_id in known:
-                        issued = await _issued_users(
-                            cur, coupon_id, sorted({e.user_id for e in group})
-                        )
-                    result.already_issued.extend(e for e in group if e.user_id in issued)
-                    dead = [e for e in group if e.user_id not in issued]
-                    if dead:
-                        await cur.executemany(
-                            INSERT_DEAD_LETTERS,
-                            [(e.coupon_id, e.entry_id, e.user_id, reason) for e in dead],
-                        )
-                        result.to_dead_letter.extend(dead)
-            await conn.commit()
-        except BaseException:
-            await _rollback_quietly(conn)
-            raise
+    async with transaction(pool) as cur:
+        groups = _by_coupon(entries)
+        known = await _lock_coupons(cur, [cid for cid, _ in groups])
+        for coupon_id, group in groups:
+            issued = set()
+            if coupon_id in known:
+                issued = await _issued_users(cur, coupon_id, sorted({e.user_id for e in group}))
+            result.already_issued.extend(e for e in group if e.user_id in issued)
+            dead = [e for e in group if e.user_id not in issued]
+            if dead:
+                await cur.executemany(
+                    INSERT_DEAD_LETTERS,
+                    [(e.coupon_id, e.entry_id, e.user_id, reason) for e in dead],
+                )
+                result.to_dead_letter.extend(dead)
     return result
-
-
-async def _rollback_quietly(conn: aiomysql.Connection) -> None:
-    try:
-        await conn.rollback()
-    except Exception:  # noqa: S110 - the connection is broken; the pool drops it
-        pass

@@ -6,11 +6,13 @@ asserts the new behaviour and its docstring says so.
 
 Mapping (seed class -> tests here):
 
-- CouponTest (12, no Spring) -> 12 pure unit tests of ``shared.coupons.Coupon``:
-  ``has_stock``, ``in_window``, ``check_issuable``, ``is_issue_complete``; the seed's error
-  codes are the ``code`` of ``shared.errors`` classes.
+- CouponTest (12, no Spring) -> 12 tests of the same rules where this design enforces them:
+  the reservation script ``shared/redis/lua/issue.lua`` through ``Scripts.reserve`` (stock,
+  window, completion), and the issue route for the seed's exceptions, which are 409 problems
+  with the seed's error codes. The seed checked a Java object; here no Python copy of the
+  rules exists to check, so each case sets up the coupon's real state and asks for one more.
 - CouponIssueServiceTest (7) -> 7 tests of the worker's MySQL write,
-  ``stream_worker.issue_store.write_batch`` on ``Entry`` objects. Differences on purpose: a
+  ``shared.mysql.issue_store.write_batch`` on ``Entry`` objects. Differences on purpose: a
   duplicate is "already issued" (idempotent redelivery, §10.2) instead of an error; a request
   accepted inside the window is issued even when consumed after the end (§10.3); sold out at
   MySQL level dead-letters the request and releases its slot (§10.6) instead of blocking.
@@ -36,32 +38,20 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomysql
-import pytest
 from redis.asyncio import Redis
 
-from shared import coupons, issue_store, keys
-from shared.coupons import Coupon
+from shared import keys
 from shared.errors import OutsideWindow, SoldOut
-from shared.issue_store import Entry
-from shared.scripts import IssueResult, Scripts
+from shared.model import Coupon, iso, to_ms
+from shared.mysql import issue_store
+from shared.mysql.issue_store import Entry
+from shared.redis.coupon_state import publish_state
+from shared.redis.scripts import IssueResult, Scripts
 from stream_worker.worker import Worker
 from tests.helpers import drain, issue, row_count, wait_for
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _coupon(total: int | None = 100, *, start: timedelta, end: timedelta, now: datetime) -> Coupon:
-    """A coupon whose window is given relative to ``now``."""
-    return Coupon(
-        id=1,
-        title="unit",
-        total_quantity=total,
-        discount_amount=1000,
-        min_available_amount=10000,
-        date_issue_start=now + start,
-        date_issue_end=now + end,
-    )
 
 
 DAY = timedelta(days=1)
@@ -129,96 +119,159 @@ async def _post(client: Any, coupon_id: int, user_id: int) -> tuple[int, dict[st
 
 
 # --------------------------------------------------------------------------------------------
-# CouponTest (12): the domain rules of one coupon, no servers
+# CouponTest (12): the domain rules of one coupon, judged where they are enforced: issue.lua
 
 
-def test_coupon_available_issue_quantity_1_total_100_issued_99_is_true():
-    """CouponTest.availableIssueQuantity_1."""
+async def _next_issue(
+    redis: Redis, coupon: Coupon, *, issued: int, user: int = 10_000
+) -> IssueResult:
+    """Accept ``issued`` users first (when the window allows), then judge one more user: the
+    seed's ``coupon.issue()`` after ``issuedQuantity`` issues, as the reservation script
+    decides it."""
+    if issued:
+        await _accept(redis, coupon.id, range(1, issued + 1))
+    outcome = await Scripts(redis).reserve(coupon.id, [user])
+    return outcome.reservations[0].result
+
+
+async def test_coupon_available_issue_quantity_1_total_100_issued_99_is_true(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.availableIssueQuantity_1: 99 of 100 issued, the next one has stock."""
     now = datetime.now(UTC)
-    assert _coupon(100, start=-DAY, end=2 * DAY, now=now).has_stock(99) is True
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    assert await _next_issue(redis, coupon, issued=99) is IssueResult.ACCEPTED
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted={*range(1, 100), 10_000})
 
 
-def test_coupon_available_issue_quantity_2_total_100_issued_100_is_false():
-    """CouponTest.availableIssueQuantity_2."""
+async def test_coupon_available_issue_quantity_2_total_100_issued_100_is_false(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.availableIssueQuantity_2: 100 of 100 issued, no stock for the next one."""
     now = datetime.now(UTC)
-    assert _coupon(100, start=-DAY, end=2 * DAY, now=now).has_stock(100) is False
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    assert await _next_issue(redis, coupon, issued=100) is IssueResult.SOLD_OUT
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted=set(range(1, 101)), rejected={10_000})
 
 
-def test_coupon_available_issue_quantity_3_unlimited_total_is_true():
-    """CouponTest.availableIssueQuantity_3 (total null = unlimited)."""
+async def test_coupon_available_issue_quantity_3_unlimited_total_is_true(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.availableIssueQuantity_3 (total null = unlimited): never out of stock."""
     now = datetime.now(UTC)
-    unlimited = _coupon(None, start=-DAY, end=2 * DAY, now=now)
-    # Any count, however large, leaves room.
-    assert unlimited.has_stock(0) is True
-    assert unlimited.has_stock(2**31) is True
+    coupon = await make_coupon(None, start=now - DAY, end=now + 2 * DAY)
+    assert await _next_issue(redis, coupon, issued=500) is IssueResult.ACCEPTED
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted={*range(1, 501), 10_000})
 
 
-def test_coupon_available_issue_date_1_start_tomorrow_is_false():
+async def test_coupon_available_issue_date_1_start_tomorrow_is_false(
+    redis, pool, settings, make_coupon, check_invariants
+):
     """CouponTest.availableIssueDate_1."""
     now = datetime.now(UTC)
-    assert _coupon(start=DAY, end=2 * DAY, now=now).in_window(now) is False
+    coupon = await make_coupon(100, start=now + DAY, end=now + 2 * DAY)
+    assert await _next_issue(redis, coupon, issued=0) is IssueResult.NOT_STARTED
+    await check_invariants(coupon, accepted=set(), rejected={10_000})
 
 
-def test_coupon_available_issue_date_2_yesterday_to_day_after_tomorrow_is_true():
+async def test_coupon_available_issue_date_2_yesterday_to_day_after_tomorrow_is_true(
+    redis, pool, settings, make_coupon, check_invariants
+):
     """CouponTest.availableIssueDate_2."""
     now = datetime.now(UTC)
-    assert _coupon(start=-DAY, end=2 * DAY, now=now).in_window(now) is True
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    assert await _next_issue(redis, coupon, issued=0) is IssueResult.ACCEPTED
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted={10_000})
 
 
-def test_coupon_available_issue_date_3_ended_yesterday_is_false():
+async def test_coupon_available_issue_date_3_ended_yesterday_is_false(
+    redis, pool, settings, make_coupon, check_invariants
+):
     """CouponTest.availableIssueDate_3."""
     now = datetime.now(UTC)
-    assert _coupon(start=-2 * DAY, end=-DAY, now=now).in_window(now) is False
+    coupon = await make_coupon(100, start=now - 2 * DAY, end=now - DAY)
+    assert await _next_issue(redis, coupon, issued=0) is IssueResult.ENDED
+    await check_invariants(coupon, accepted=set(), rejected={10_000})
 
 
-def test_coupon_issue_1_valid_issues_the_100th_and_last_coupon():
-    """CouponTest.issue_1: total 100, issued 99, in window -> the issue makes it 100.
-
-    Our Coupon is immutable (the count lives in MySQL, see the CouponIssueService tests), so
-    the rule is: the 100th issue is allowed, and after it the coupon is complete.
-    """
+async def test_coupon_issue_1_valid_issues_the_100th_and_last_coupon(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.issue_1: total 100, issued 99, in window -> the issue makes it 100 (and the
+    row count in MySQL follows)."""
     now = datetime.now(UTC)
-    coupon = _coupon(100, start=-DAY, end=2 * DAY, now=now)
-    assert coupon.check_issuable(now, 99) is None
-    assert coupon.is_issue_complete(now, 99 + 1) is True
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    assert await _next_issue(redis, coupon, issued=99, user=100) is IssueResult.ACCEPTED
+    await drain(redis, pool, settings)
+    assert await _issued_quantity(pool, coupon.id) == 100
+    await check_invariants(coupon, accepted=set(range(1, 101)))
 
 
-def test_coupon_issue_2_sold_out_raises_invalid_coupon_issue_quantity():
-    """CouponTest.issue_2."""
+async def test_coupon_issue_2_sold_out_raises_invalid_coupon_issue_quantity(
+    client, redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.issue_2: the seed's exception is the 409 problem with its error code."""
     now = datetime.now(UTC)
-    coupon = _coupon(100, start=-DAY, end=2 * DAY, now=now)
-    with pytest.raises(SoldOut) as caught:
-        coupon.check_issuable(now, 100)
-    assert caught.value.code == "INVALID_COUPON_ISSUE_QUANTITY"
-    assert caught.value.status == 409
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    await _accept(redis, coupon.id, range(1, 101))
+    status, body, content_type = await _post(client, coupon.id, 10_000)
+    assert (status, body["code"]) == (SoldOut.status, "INVALID_COUPON_ISSUE_QUANTITY")
+    assert content_type == "application/problem+json"
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted=set(range(1, 101)), rejected={10_000})
 
 
-def test_coupon_issue_3_not_started_raises_invalid_coupon_issue_date():
-    """CouponTest.issue_3."""
+async def test_coupon_issue_3_not_started_raises_invalid_coupon_issue_date(
+    client, redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.issue_3: the seed's exception is the 409 problem with its error code."""
     now = datetime.now(UTC)
-    coupon = _coupon(100, start=DAY, end=2 * DAY, now=now)
-    with pytest.raises(OutsideWindow) as caught:
-        coupon.check_issuable(now, 99)
-    assert caught.value.code == "INVALID_COUPON_ISSUE_DATE"
-    assert caught.value.status == 409
+    coupon = await make_coupon(100, start=now + DAY, end=now + 2 * DAY)
+    status, body, content_type = await _post(client, coupon.id, 10_000)
+    assert (status, body["code"]) == (OutsideWindow.status, "INVALID_COUPON_ISSUE_DATE")
+    assert content_type == "application/problem+json"
+    await check_invariants(coupon, accepted=set(), rejected={10_000})
 
 
-def test_coupon_is_issue_complete_1_window_ended_is_true():
-    """CouponTest.isIssueComplete_1 (stock left, but the window is over)."""
+async def test_coupon_is_issue_complete_1_window_ended_is_true(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.isIssueComplete_1 (stock left, but the window is over): nothing more."""
     now = datetime.now(UTC)
-    assert _coupon(100, start=-2 * DAY, end=-DAY, now=now).is_issue_complete(now, 0) is True
+    coupon = await make_coupon(100, start=now - 2 * DAY, end=now - DAY)
+    assert await _next_issue(redis, coupon, issued=0) is IssueResult.ENDED
+    await check_invariants(coupon, accepted=set(), rejected={10_000})
 
 
-def test_coupon_is_issue_complete_2_sold_out_is_true():
-    """CouponTest.isIssueComplete_2 (in the window, but no stock)."""
+async def test_coupon_is_issue_complete_2_sold_out_is_true(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.isIssueComplete_2 (in the window, but no stock): nothing more, for anyone."""
     now = datetime.now(UTC)
-    assert _coupon(100, start=-DAY, end=2 * DAY, now=now).is_issue_complete(now, 100) is True
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    await _accept(redis, coupon.id, range(1, 101))
+    outcome = await Scripts(redis).reserve(coupon.id, [10_001, 10_002])
+    assert [r.result for r in outcome.reservations] == [IssueResult.SOLD_OUT] * 2
+    assert outcome.remaining == 0
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted=set(range(1, 101)), rejected={10_001, 10_002})
 
 
-def test_coupon_is_issue_complete_3_valid_is_false():
-    """CouponTest.isIssueComplete_3."""
+async def test_coupon_is_issue_complete_3_valid_is_false(
+    redis, pool, settings, make_coupon, check_invariants
+):
+    """CouponTest.isIssueComplete_3: in the window with stock, the coupon still issues."""
     now = datetime.now(UTC)
-    assert _coupon(100, start=-DAY, end=2 * DAY, now=now).is_issue_complete(now, 0) is False
+    coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
+    outcome = await Scripts(redis).reserve(coupon.id, [10_000])
+    assert [r.result for r in outcome.reservations] == [IssueResult.ACCEPTED]
+    assert outcome.remaining == 99
+    await drain(redis, pool, settings)
+    await check_invariants(coupon, accepted={10_000})
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +408,7 @@ async def test_coupon_issue_service_issue_4_user_with_a_row_gets_no_second_row(
     by hand because the Lua script would refuse the second request.
     """
     coupon = await make_coupon(total=10)
-    accepted_ms = coupons.to_ms(datetime.now(UTC))
+    accepted_ms = to_ms(datetime.now(UTC))
     first = Entry(coupon.id, f"{accepted_ms}-0", 5, accepted_ms)
     second = Entry(coupon.id, f"{accepted_ms + 1}-0", 5, accepted_ms + 1)
     assert (await issue_store.write_batch(pool, [first])).inserted == [first]
@@ -381,7 +434,7 @@ async def test_coupon_issue_service_issue_5_unknown_coupon_is_unknown_coupon(poo
     The entry is left pending (dead-lettered later by the delivery limit) instead of blocking
     everything; the HTTP side answers 404 COUPON_NOT_EXIST (see the async issue_1 test).
     """
-    accepted_ms = coupons.to_ms(datetime.now(UTC))
+    accepted_ms = to_ms(datetime.now(UTC))
     entry = Entry(987_654_321, f"{accepted_ms}-0", 1, accepted_ms)
     result = await issue_store.write_batch(pool, [entry])
     assert result.unknown_coupon == [entry]
@@ -523,11 +576,11 @@ async def test_async_coupon_issue_service_issue_4_period_check_comes_before_dupl
     # Move the window into the future; only the Redis snapshot judges the window.
     now = datetime.now(UTC)
     moved = dataclasses.replace(coupon, date_issue_start=now + DAY, date_issue_end=now + 2 * DAY)
-    await coupons.publish_state(redis, moved)
+    await publish_state(redis, moved)
 
     async def gateway_sees_the_new_window() -> bool:
         response = await client.get(f"/v1/coupons/{coupon.id}")
-        return (await response.json())["date_issue_start"] == coupons.iso(moved.date_issue_start)
+        return (await response.json())["date_issue_start"] == iso(moved.date_issue_start)
 
     await wait_for(gateway_sees_the_new_window)
     status, body, _ = await _post(client, coupon.id, 1)

@@ -1,0 +1,147 @@
+"""The ``coupons`` table and the reads of a coupon's history that the operations need.
+
+The writes of issuing (``coupon_issues``, ``issued_quantity``) belong to the issue store; this
+module holds the coupon rows themselves (insert, lock, update, read) and the whole-coupon reads
+that rebuild, reconcile and the counters take from MySQL.
+"""
+
+from __future__ import annotations
+
+import aiomysql
+
+from shared.coupon_requests import NewCoupon
+from shared.model import COUPON_TYPE, Coupon, utc_naive
+from shared.mysql.pool import snapshot, transaction
+
+
+async def insert_coupon(pool: aiomysql.Pool, new: NewCoupon) -> int:
+    """Insert a coupon row; returns its id."""
+    async with transaction(pool) as cur:
+        await cur.execute(
+            "INSERT INTO coupons (title, coupon_type, total_quantity, discount_amount,"
+            " min_available_amount, date_issue_start, date_issue_end)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            (
+                new.title,
+                COUPON_TYPE,
+                new.total_quantity,
+                new.discount_amount,
+                new.min_available_amount,
+                utc_naive(new.date_issue_start),
+                utc_naive(new.date_issue_end),
+            ),
+        )
+        return int(cur.lastrowid)
+
+
+async def delete_coupon(pool: aiomysql.Pool, coupon_id: int) -> None:
+    async with transaction(pool) as cur:
+        await cur.execute("DELETE FROM coupons WHERE id = %s", (coupon_id,))
+
+
+async def lock_coupon(cur: aiomysql.DictCursor, coupon_id: int) -> tuple[Coupon, int] | None:
+    """Lock a coupon's row in the cursor's transaction: the coupon and its issued quantity."""
+    await cur.execute("SELECT * FROM coupons WHERE id = %s FOR UPDATE", (coupon_id,))
+    row = await cur.fetchone()
+    return None if row is None else (Coupon.from_row(row), int(row["issued_quantity"]))
+
+
+async def update_coupon(cur: aiomysql.Cursor, coupon: Coupon) -> None:
+    """Write the changeable fields of a locked coupon row."""
+    await cur.execute(
+        "UPDATE coupons SET title = %s, total_quantity = %s, date_issue_start = %s,"
+        " date_issue_end = %s, paused = %s WHERE id = %s",
+        (
+            coupon.title,
+            coupon.total_quantity,
+            utc_naive(coupon.date_issue_start),
+            utc_naive(coupon.date_issue_end),
+            int(coupon.paused),
+            coupon.id,
+        ),
+    )
+
+
+async def fetch_coupon(pool: aiomysql.Pool, coupon_id: int) -> Coupon | None:
+    async with snapshot(pool, aiomysql.DictCursor) as cur:
+        await cur.execute("SELECT * FROM coupons WHERE id = %s", (coupon_id,))
+        row = await cur.fetchone()
+    return None if row is None else Coupon.from_row(row)
+
+
+async def list_coupons(
+    pool: aiomysql.Pool, *, after_id: int = 0, limit: int = 100
+) -> list[tuple[Coupon, int]]:
+    """Coupons by id, a page at a time, each with its ``issued_quantity``."""
+    async with snapshot(pool, aiomysql.DictCursor) as cur:
+        await cur.execute(
+            "SELECT * FROM coupons WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit)
+        )
+        rows = await cur.fetchall()
+    return [(Coupon.from_row(row), int(row["issued_quantity"])) for row in rows]
+
+
+async def coupon_ids(pool: aiomysql.Pool) -> list[int]:
+    async with snapshot(pool) as cur:
+        await cur.execute("SELECT id FROM coupons ORDER BY id")
+        return [int(row[0]) for row in await cur.fetchall()]
+
+
+async def any_coupon(pool: aiomysql.Pool) -> bool:
+    async with snapshot(pool) as cur:
+        await cur.execute("SELECT EXISTS (SELECT 1 FROM coupons)")
+        (found,) = await cur.fetchone()
+    return bool(found)
+
+
+async def issue_counts(pool: aiomysql.Pool, coupon_id: int) -> tuple[int, int] | None:
+    """``(issued_quantity, rows in coupon_issues)`` read in one snapshot; None: no coupon."""
+    async with snapshot(pool) as cur:
+        await cur.execute(
+            "SELECT c.issued_quantity, (SELECT COUNT(*) FROM coupon_issues i"
+            " WHERE i.coupon_id = c.id) FROM coupons c WHERE c.id = %s",
+            (coupon_id,),
+        )
+        row = await cur.fetchone()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+async def issued_view(pool: aiomysql.Pool, coupon_id: int) -> tuple[set[int], int] | None:
+    """The users with a row and the ``issued_quantity`` column, in one snapshot; None: no
+    coupon."""
+    async with snapshot(pool) as cur:
+        await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        await cur.execute("SELECT user_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
+        users = {int(r[0]) for r in await cur.fetchall()}
+    return users, int(row[0])
+
+
+async def issued_users(pool: aiomysql.Pool, coupon_id: int) -> set[int]:
+    """The users with a row for the coupon."""
+    async with snapshot(pool) as cur:
+        await cur.execute("SELECT user_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
+        return {int(row[0]) for row in await cur.fetchall()}
+
+
+async def dead_request_ids(pool: aiomysql.Pool, coupon_id: int) -> set[str]:
+    """The stream entry ids of a coupon's dead-lettered requests."""
+    async with snapshot(pool) as cur:
+        await cur.execute(
+            "SELECT request_id FROM coupon_issue_dead_letters WHERE coupon_id = %s", (coupon_id,)
+        )
+        return {str(row[0]) for row in await cur.fetchall()}
+
+
+async def recount_issued(pool: aiomysql.Pool, coupon_id: int) -> None:
+    """Set ``issued_quantity`` to the number of rows, under the coupon's row lock."""
+    async with transaction(pool) as cur:
+        await cur.execute("SELECT id FROM coupons WHERE id = %s FOR UPDATE", (coupon_id,))
+        await cur.execute(
+            "UPDATE coupons SET issued_quantity = (SELECT COUNT(*) FROM coupon_issues"
+            " WHERE coupon_id = %s) WHERE id = %s",
+            (coupon_id, coupon_id),
+        )
+

@@ -1,0 +1,143 @@
+"""Creating, changing and inspecting coupons: the operations the admin API and couponctl share.
+
+MySQL is the system of record and Redis holds the state the hot path judges by; each operation
+here keeps the two in step, so neither caller can change one store without the other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import aiomysql
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from shared import keys
+from shared.coupon_requests import CouponChange, NewCoupon
+from shared.errors import Conflict, CouponNotFound, RedisStateLost, Unavailable
+from shared.model import Coupon
+from shared.mysql import coupon_rows
+from shared.mysql.pool import transaction
+from shared.redis import state as redis_state
+from shared.redis.coupon_state import publish_state
+from shared.redis.scripts import Scripts, UpdateStatus
+from shared.redis.streams import backlogs
+
+log = structlog.get_logger(__name__)
+
+
+async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Coupon:
+    """Insert the MySQL row, then initialise the Redis state so the coupon is ready to issue.
+
+    If Redis cannot be written the row is deleted again, so a coupon exists either in both
+    stores or in neither. Refused while Redis has lost its state: creating would mark the
+    empty Redis as complete and hide the loss of every other coupon.
+    """
+    if not await redis_state.state_present(redis, pool):
+        raise RedisStateLost("Redis lost the coupon state; rebuild it before creating coupons")
+    coupon_id = await coupon_rows.insert_coupon(pool, new)
+    coupon = Coupon(id=coupon_id, **dataclasses.asdict(new))
+    try:
+        await publish_state(redis, coupon)
+    except RedisError as exc:
+        await coupon_rows.delete_coupon(pool, coupon_id)
+        log.error("coupon_create_rolled_back", coupon_id=coupon_id, error=str(exc))
+        raise Unavailable("Redis is unreachable; the coupon was not created") from exc
+    log.info("coupon_created", coupon_id=coupon_id, total_quantity=new.total_quantity)
+    return coupon
+
+
+async def update_coupon(
+    pool: aiomysql.Pool, redis: Redis, coupon_id: int, change: CouponChange
+) -> Coupon:
+    """Apply an admin change to both stores; every gateway sees it within a pub/sub round trip.
+
+    The coupon row stays locked (``FOR UPDATE``) while Redis is rewritten, so changes apply one
+    at a time and workers wait for the outcome. The stock check runs inside Redis, atomically
+    with the reservations it guards: a total below the slots already promised is refused (409),
+    never applied. Redis changes first; should MySQL then fail, the caller gets a 503 and
+    repeating the same PATCH makes the two stores agree again.
+    """
+    async with transaction(pool, aiomysql.DictCursor) as cur:
+        locked = await coupon_rows.lock_coupon(cur, coupon_id)
+        if locked is None:
+            raise CouponNotFound(f"coupon {coupon_id} does not exist")
+        current, issued_quantity = locked
+        updated = change.apply(current)
+        total = updated.total_quantity
+        if total is not None and total < issued_quantity:
+            raise Conflict(f"total_quantity {total} is below the {issued_quantity} issued")
+        await coupon_rows.update_coupon(cur, updated)
+        try:
+            status, reserved = await Scripts(redis).update(coupon_id, total, updated.to_meta())
+        except RedisError as exc:
+            raise Unavailable("Redis is unreachable; repeat the change") from exc
+        if status is UpdateStatus.STATE_MISSING:
+            raise Unavailable(
+                f"coupon {coupon_id} has no Redis state; rebuild it before changing it"
+            )
+        if status is UpdateStatus.BELOW_RESERVED:
+            raise Conflict(
+                f"total_quantity {total} is below the {reserved} requests already accepted"
+            )
+    log.info("coupon_updated", coupon_id=coupon_id, changes=sorted(change.changes))
+    return updated
+
+
+async def list_coupons(
+    pool: aiomysql.Pool, *, after_id: int = 0, limit: int = 100
+) -> list[dict[str, Any]]:
+    """Coupons by id, a page at a time, each with its MySQL ``issued_quantity``."""
+    page = await coupon_rows.list_coupons(pool, after_id=after_id, limit=limit)
+    return [{**coupon.public(), "issued_quantity": issued} for coupon, issued in page]
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Where every accepted request of one coupon stands: each is exactly one of issued,
+    pending or dead-lettered."""
+
+    requested: int
+    issued: int
+    issued_quantity: int
+    pending: int
+    dead_lettered: int
+    remaining: int | None
+    reserved: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+async def show_coupon(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> dict[str, Any]:
+    """A coupon with its counters; :class:`CouponNotFound` when there is no such coupon."""
+    coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
+    if coupon is None:
+        raise CouponNotFound(f"coupon {coupon_id} does not exist")
+    return {**coupon.public(), **(await counters(pool, redis, coupon)).as_dict()}
+
+
+async def counters(pool: aiomysql.Pool, redis: Redis, coupon: Coupon) -> Counters:
+    """Read the counters from both stores; between a commit and its ack an entry shows twice."""
+    k = keys.CouponKeys(coupon.id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xinfo_stream(k.requests)
+        pipe.xlen(k.dead)
+        pipe.scard(k.users)
+        stream, dead, reserved = await pipe.execute(raise_on_error=False)
+    requested = 0 if isinstance(stream, ResponseError) else int(stream["entries-added"])
+    backlog = (await backlogs(redis, [coupon.id]))[coupon.id]
+    issued_quantity, issued = await coupon_rows.issue_counts(pool, coupon.id) or (0, 0)
+    total = coupon.total_quantity
+    return Counters(
+        requested=requested,
+        issued=issued,
+        issued_quantity=issued_quantity,
+        pending=backlog.total,
+        dead_lettered=int(dead),
+        remaining=None if total is None else max(total - int(reserved), 0),
+        reserved=int(reserved),
+    )
