@@ -22,6 +22,7 @@ def main() -> None:
         print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     shared_logging.configure(settings.log_format, settings.log_level)
+    shared_logging.report_unknown_settings()
     log = structlog.get_logger("gateway")
     one_of_many = processes.CHILD_FLAG in sys.argv[1:]
     if settings.gateway_processes > 1 and not one_of_many:

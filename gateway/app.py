@@ -19,6 +19,7 @@ from gateway.problems import problem_middleware
 from gateway.ratelimit import Limits
 from gateway.snapshots import SnapshotCache
 from shared import metrics
+from shared.mysql.coupon_rows import any_coupon
 from shared.mysql.pool import create_pool
 from shared.redis import client as redis_client
 from shared.redis import state as redis_state
@@ -47,7 +48,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _mysql_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[appkeys.SETTINGS].mysql, minsize=1, maxsize=5)
     app[appkeys.MYSQL] = pool
-    if not await redis_state.state_present(app[appkeys.REDIS], pool):
+    if not await redis_state.state_present(app[appkeys.REDIS], lambda: any_coupon(pool)):
         # Keep serving: every coupon answers 503 until `couponctl rebuild` restores the state.
         log.error("redis_state_lost", action="run couponctl rebuild --all")
     yield

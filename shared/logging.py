@@ -11,6 +11,8 @@ from typing import Any
 import orjson
 import structlog
 
+from shared.settings import unknown_variables
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -69,3 +71,11 @@ def _add_pid(logger: Any, method: str, event: MutableMapping[str, Any]) -> Mutab
 
 
 _PID = os.getpid()
+
+
+def report_unknown_settings() -> None:
+    """One warning per ``COUPON_*`` variable that no setting reads (a typo leaves the default
+    in force; better to say so at start than to find out during a drop)."""
+    log = structlog.get_logger("shared.settings")
+    for name in unknown_variables():
+        log.warning("unknown_setting_ignored", variable=name)

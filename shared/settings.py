@@ -1,8 +1,8 @@
 """Process configuration, read once from the environment.
 
-Every variable carries the ``COUPON_`` prefix and is listed in the README. Defaults live here and
-only here. A bad value raises :class:`ConfigError` with one clear line, at start, never at the
-first request.
+Every variable is ``COUPON_`` and a field's name in capitals, listed in the README (a test holds
+the README's table to the fields and their defaults). Defaults live here and only here. A bad
+value raises :class:`ConfigError` with one clear line, at start, never at the first request.
 """
 
 from __future__ import annotations
@@ -327,7 +327,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``COUPON_*`` variables; unknown ones are ignored."""
+        """Build settings from ``COUPON_*`` variables; unknown ones are ignored here and
+        reported by the processes at start (:func:`unknown_variables`)."""
         env = os.environ if env is None else env
         kwargs: dict[str, object] = {}
         for name, (field, convert) in ENVIRONMENT.items():
@@ -354,57 +355,40 @@ class Settings:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
 
-# Every variable the processes read, with the field it sets and how it is parsed.
-ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
-    "COUPON_REDIS_URL": ("redis_url", str),
-    "COUPON_REDIS_CLUSTER": ("redis_cluster", flag),
-    "COUPON_MYSQL_URL": ("mysql_url", str),
-    "COUPON_HTTP_HOST": ("http_host", str),
-    "COUPON_HTTP_PORT": ("http_port", int),
-    "COUPON_ADMIN_TOKEN": ("admin_token", str),
-    "COUPON_GATEWAY_PROCESSES": ("gateway_processes", int),
-    "COUPON_WORKERS": ("workers", int),
-    "COUPON_LOG_FORMAT": ("log_format", str),
-    "COUPON_LOG_LEVEL": ("log_level", str),
-    "COUPON_REDIS_TIMEOUT_SECONDS": ("redis_timeout_seconds", float),
-    "COUPON_SNAPSHOT_TTL_SECONDS": ("snapshot_ttl_seconds", float),
-    "COUPON_SNAPSHOT_CACHE_SIZE": ("snapshot_cache_size", int),
-    "COUPON_COALESCE_MAX_BATCH": ("coalesce_max_batch", int),
-    "COUPON_MAX_BODY_BYTES": ("max_body_bytes", int),
-    "COUPON_LISTEN_BACKLOG": ("listen_backlog", int),
-    "COUPON_KEEPALIVE_TIMEOUT_SECONDS": ("keepalive_timeout_seconds", float),
-    "COUPON_BODY_READ_TIMEOUT_SECONDS": ("body_read_timeout_seconds", float),
-    "COUPON_REQUEST_LOG_SAMPLE": ("request_log_sample", float),
-    "COUPON_SHED_WAIT_TARGET_MS": ("shed_wait_target_ms", float),
-    "COUPON_SHED_WAIT_INTERVAL_MS": ("shed_wait_interval_ms", float),
-    "COUPON_SHED_MAX_LAG": ("shed_max_lag", int),
-    "COUPON_SHED_MAX_AGE_SECONDS": ("shed_max_age_seconds", float),
-    "COUPON_WORKER_NAME": ("worker_name", str),
-    "COUPON_BATCH_SIZE": ("batch_size", int),
-    "COUPON_BLOCK_MS": ("block_ms", int),
-    "COUPON_RECLAIM_IDLE_MS": ("reclaim_idle_ms", int),
-    "COUPON_MAX_DELIVERIES": ("max_deliveries", int),
-    "COUPON_DISCOVERY_INTERVAL_SECONDS": ("discovery_interval_seconds", float),
-    "COUPON_MYSQL_RETRY_MAX_SECONDS": ("mysql_retry_max_seconds", float),
-    "COUPON_SHUTDOWN_GRACE_SECONDS": ("shutdown_grace_seconds", float),
-    "COUPON_WORKER_METRICS_PORT": ("worker_metrics_port", int),
-    "COUPON_AUTH": ("auth", str),
-    "COUPON_JWT_ALGORITHM": ("jwt_algorithm", str),
-    "COUPON_JWT_SECRET": ("jwt_secret", str),
-    "COUPON_JWT_PUBLIC_KEY": ("jwt_public_key", str),
-    "COUPON_JWT_AUDIENCE": ("jwt_audience", str),
-    "COUPON_JWT_ISSUER": ("jwt_issuer", str),
-    "COUPON_JWT_LEEWAY_SECONDS": ("jwt_leeway_seconds", float),
-    "COUPON_JWT_MAX_LIFETIME_SECONDS": ("jwt_max_lifetime_seconds", float),
-    "COUPON_ADMIN_HOST": ("admin_host", str),
-    "COUPON_ADMIN_PORT": ("admin_port", int),
-    "COUPON_OPS_ON_ADMIN_PORT": ("ops_on_admin_port", flag),
-    "COUPON_RATE_LIMIT_IP_PER_SECOND": ("rate_limit_ip_per_second", float),
-    "COUPON_RATE_LIMIT_IP_BURST": ("rate_limit_ip_burst", int),
-    "COUPON_RATE_LIMIT_USER_PER_SECOND": ("rate_limit_user_per_second", float),
-    "COUPON_RATE_LIMIT_USER_BURST": ("rate_limit_user_burst", int),
-    "COUPON_RATE_LIMIT_READ_PER_SECOND": ("rate_limit_read_per_second", float),
-    "COUPON_RATE_LIMIT_READ_BURST": ("rate_limit_read_burst", int),
-    "COUPON_RATE_LIMIT_MAX_KEYS": ("rate_limit_max_keys", int),
-    "COUPON_TRUSTED_PROXIES": ("trusted_proxies", str),
+PREFIX = "COUPON_"
+
+# Read by ./scripts/run and ./scripts/scale-workers only (how many processes to supervise, how
+# the private Redis syncs its AOF); no process reads them, but they are no typo.
+RUN_SCRIPT_VARIABLES = frozenset({"COUPON_MAX_WORKERS", "COUPON_REDIS_APPENDFSYNC"})
+
+_PARSERS: dict[str, Callable[[str], object]] = {
+    "str": str,
+    "str | None": str,
+    "int": int,
+    "float": float,
+    "bool": flag,
 }
+
+
+def variable(field_name: str) -> str:
+    """The environment variable that sets a field: ``COUPON_`` and the name in capitals."""
+    return PREFIX + field_name.upper()
+
+
+# Every variable the processes read, with the field it sets and how it is parsed: derived
+# from the fields, so a new setting is one field with its default and nothing else here.
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], object]]] = {
+    variable(field.name): (field.name, _PARSERS[str(field.type)])
+    for field in dataclasses.fields(Settings)
+}
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """The ``COUPON_*`` variables set in ``env`` that nothing reads: most likely a typo
+    (``COUPON_BATCHSIZE``) that would otherwise leave the default in force without a word."""
+    env = os.environ if env is None else env
+    return sorted(
+        name
+        for name in env
+        if name.startswith(PREFIX) and name not in ENVIRONMENT and name not in RUN_SCRIPT_VARIABLES
+    )

@@ -69,6 +69,7 @@ def main() -> None:
         print(f"coupon-worker: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     shared_logging.configure(settings.log_format, settings.log_level)
+    shared_logging.report_unknown_settings()
     metrics.init_worker_series()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.http_host)

@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
         # Logs go to stderr, so stdout carries only the result (--json output stays parseable).
         shared_logging.configure("console", "warning")
+        shared_logging.report_unknown_settings()
         command = COMMANDS[(args.noun, getattr(args, "verb", None))]
         result: Any = asyncio.run(command(settings, args))
     except KeyboardInterrupt:

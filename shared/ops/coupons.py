@@ -36,7 +36,7 @@ async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Co
     stores or in neither. Refused while Redis has lost its state: creating would mark the
     empty Redis as complete and hide the loss of every other coupon.
     """
-    if not await redis_state.state_present(redis, pool):
+    if not await redis_state.state_present(redis, lambda: coupon_rows.any_coupon(pool)):
         raise RedisStateLost("Redis lost the coupon state; rebuild it before creating coupons")
     coupon_id = await coupon_rows.insert_coupon(pool, new)
     coupon = Coupon(id=coupon_id, **dataclasses.asdict(new))

@@ -3,14 +3,13 @@ that lost its data apart from one that never had any."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import aiomysql
 import structlog
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.mysql import coupon_rows
 from shared.settings import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -43,9 +42,11 @@ async def mark_initialised(redis: Redis) -> None:
     await redis.set(keys.STATE_MARKER, datetime.now(UTC).isoformat(), nx=True)
 
 
-async def state_present(redis: Redis, pool: aiomysql.Pool) -> bool:
-    """True when Redis holds the state, or MySQL has no coupons yet (a fresh system, which it
-    then marks). False when MySQL has coupons but Redis lost the marker: state lost.
+async def state_present(redis: Redis, any_coupon: Callable[[], Awaitable[bool]]) -> bool:
+    """True when Redis holds the state, or the system of record has no coupons yet (a fresh
+    system, which it then marks). False when ``any_coupon()`` says MySQL has coupons but Redis
+    lost the marker: state lost. (MySQL is asked through the callable, so this Redis module
+    needs no MySQL code.)
 
     A Redis that has no marker but still knows active coupons holds data written before the
     marker existed (an upgrade), not an empty restart: it is marked too.
@@ -55,7 +56,7 @@ async def state_present(redis: Redis, pool: aiomysql.Pool) -> bool:
     if await redis.scard(keys.ACTIVE_COUPONS):
         await mark_initialised(redis)
         return True
-    if await coupon_rows.any_coupon(pool):
+    if await any_coupon():
         return False
     await mark_initialised(redis)
     return True
