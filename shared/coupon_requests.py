@@ -15,6 +15,9 @@ from shared.errors import InvalidRequest
 from shared.ids import MAX_INT32
 from shared.model import EARLIEST, LATEST, Coupon, check_window
 
+# The longest title a coupon may have (characters); gateway/openapi.json says the same.
+TITLE_MAX_LENGTH = 255
+
 
 def _int_field(body: dict[str, Any], name: str, *, low: int, high: int, default: int | None) -> int:
     value = body.get(name, default)
@@ -46,8 +49,10 @@ def _datetime_field(body: dict[str, Any], name: str) -> datetime:
 
 def _title(body: dict[str, Any]) -> str:
     title = body.get("title")
-    if not isinstance(title, str) or not title.strip() or len(title) > 255:
-        raise InvalidRequest("title must be a non-empty string of at most 255 characters")
+    if not isinstance(title, str) or not title.strip() or len(title) > TITLE_MAX_LENGTH:
+        raise InvalidRequest(
+            f"title must be a non-empty string of at most {TITLE_MAX_LENGTH} characters"
+        )
     return title.strip()
 
 

@@ -1,25 +1,39 @@
-"""The OpenAPI document served at ``GET /openapi.json`` (gateway/openapi.py).
+"""The OpenAPI document served at ``GET /openapi.json`` (gateway/openapi.json, loaded by
+gateway/openapi.py).
 
-Covers: the document is valid OpenAPI 3.1; it lists exactly the routes the app registers (no
-undocumented route, no stale operation); its version and problem codes come from the code; and
-real responses of every route (success and error cases, 503s while Redis is paused) match it:
-status documented, content type documented, required headers present, body valid against the
-documented schema (JSON Schema 2020-12, ``$ref``s resolved in the whole document).
+Covers: the document is valid OpenAPI 3.1 and the file is canonical JSON; it lists exactly the
+routes the apps register (the public app and the admin listener's, in every arrangement of
+``COUPON_ADMIN_PORT``; no undocumented route, no stale operation); its version, problem codes,
+statuses and headers, seed comments, numeric limits, coupon type and setting names are those of
+the code that enforces them; and real responses of every route (success and error cases, 503s
+while Redis is paused) match it: status documented, content type documented, required headers
+present, body valid against the documented schema (JSON Schema 2020-12, ``$ref``s resolved in
+the whole document).
+
+Changing the API: the document is data, written by hand. Change the validator (or route, or
+error class) and gateway/openapi.json in the same change; these tests say which half is behind,
+naming the route, code, status or limit that differs. Keep the file as
+``orjson.dumps(document, option=orjson.OPT_INDENT_2)`` plus a newline (2-space indent, keys in
+the order written); its ``info.version`` stays ``0.0.0``, the served one is the package's.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.resources
+import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import aiomysql
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, make_mocked_request
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate
 from redis.asyncio import Redis
@@ -27,10 +41,12 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from gateway import openapi, problems
-from gateway.app import create_app
-from shared import errors
-from shared.ids import MAX_ID
-from shared.settings import Settings
+from gateway.app import create_admin_app, create_app
+from shared import errors, ids
+from shared.coupon_requests import TITLE_MAX_LENGTH, CouponChange, NewCoupon
+from shared.ids import MAX_ID, MAX_INT32
+from shared.model import COUPON_TYPE
+from shared.settings import ENVIRONMENT, Settings
 from tests.conftest import CouponFactory
 from tests.helpers import ADMIN, drain
 from tests.invariants import Checker
@@ -49,6 +65,10 @@ REDIS_PAUSE_MS = 1500
 
 # --------------------------------------------------------------------------------------------
 # the checker
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
 
 
 def _escape(part: str) -> str:
@@ -84,11 +104,11 @@ def documented_response(method: str, path: str, status: int) -> tuple[dict[str, 
     assert len(matches) <= 1, f"{path} matches several documented paths: {matches}"
     if not matches:
         assert status == 404, f"{path} is not documented but answered {status}"
-        return _deref(openapi.ref("responses", "NotFound"), "")
+        return _deref(_ref("responses", "NotFound"), "")
     item = DOC["paths"][matches[0]]
     if method.lower() not in item:
         assert status == 405, f"{method} {matches[0]} is not documented but answered {status}"
-        return _deref(openapi.ref("responses", "MethodNotAllowed"), "")
+        return _deref(_ref("responses", "MethodNotAllowed"), "")
     responses = item[method.lower()]["responses"]
     base = f"/paths/{_escape(matches[0])}/{method.lower()}/responses"
     for key in (str(status), f"{status // 100}XX", "default"):
@@ -210,6 +230,310 @@ async def test_served_document_is_the_module_document(client: Client) -> None:
     assert response.status == 200
     assert response.content_type == "application/json"
     assert orjson.loads(await response.read()) == DOC
+
+
+# --------------------------------------------------------------------------------------------
+# the document against the code that enforces it
+
+PROBLEM_JSON = "application/problem+json"
+SCHEMAS = DOC["components"]["schemas"]
+
+
+def _subclasses(base: type[errors.AppError]) -> list[type[errors.AppError]]:
+    found = [base]
+    for cls in base.__subclasses__():
+        found.extend(_subclasses(cls))
+    return found
+
+
+# Every error class loaded (the app above imports every module that raises one).
+APP_ERRORS = sorted(set(_subclasses(errors.AppError)), key=lambda cls: cls.__name__)
+# Errors a route can raise that the document does not describe yet, with where. An entry is a
+# known gap: the problem tests fail once the document covers it, so the entry goes with it.
+UNDOCUMENTED_ERRORS: dict[type[errors.AppError], str] = {
+    errors.BodyTimeout: "408 for a body that does not arrive in time (gateway/bodies.py)",
+}
+DOCUMENTED_ERRORS = [cls for cls in APP_ERRORS if cls not in UNDOCUMENTED_ERRORS]
+# aiohttp's own errors, rendered by the problem middleware: no such path (also the admin
+# routes' 404 for a path that does not say /admin/ literally), no such method, body too large.
+ROUTER_STATUSES = (404, 405, 413)
+
+
+def test_file_is_canonical_json_and_the_served_document_but_the_version() -> None:
+    raw = importlib.resources.files("gateway").joinpath("openapi.json").read_bytes()
+    loaded = orjson.loads(raw)
+    assert raw == orjson.dumps(loaded, option=orjson.OPT_INDENT_2) + b"\n", (
+        "gateway/openapi.json is not orjson.dumps(..., option=OPT_INDENT_2) plus a newline"
+    )
+    assert loaded == {**DOC, "info": {**DOC["info"], "version": openapi.PLACEHOLDER_VERSION}}
+
+
+def _routed(app: web.Application) -> set[tuple[str, str]]:
+    routes = {
+        (route.resource.canonical, route.method.lower())
+        for route in app.router.routes()
+        if route.resource is not None
+    }
+    gets = {path for path, method in routes if method == "get"}
+    heads = {path for path, method in routes if method == "head"}
+    assert heads == gets, "the document says that every GET, and only a GET, also answers HEAD"
+    return {(path, method) for path, method in routes if method != "head"}
+
+
+ARRANGEMENTS = {
+    "one-listener": {},
+    "admin-port": {"admin_port": 8081},
+    "admin-port-with-ops": {"admin_port": 8081, "ops_on_admin_port": True},
+}
+
+
+@pytest.mark.parametrize("changes", ARRANGEMENTS.values(), ids=list(ARRANGEMENTS))
+def test_the_public_and_admin_apps_serve_exactly_the_documented_operations(
+    changes: dict[str, Any],
+) -> None:
+    settings = Settings(**changes)
+    public = _routed(create_app(settings))
+    admin = _routed(create_admin_app(settings)) if settings.admin_port else set()
+    documented = _documented_operations()
+    assert public & admin == set(), "operations served on both listeners"
+    assert (public | admin) - documented == set(), "routes missing from the document"
+    assert documented - (public | admin) == set(), "documented operations no app serves"
+    if settings.admin_port:
+        tagged = {op for op in documented if DOC["paths"][op[0]][op[1]]["tags"] == ["admin"]}
+        assert {op for op in admin if op[0].startswith("/admin/")} == tagged
+
+
+def _problem_responses() -> list[tuple[str, dict[str, Any]]]:
+    """Every problem+json response object of the document, with its JSON pointer."""
+    found = [
+        (f"/components/responses/{name}", item)
+        for name, item in DOC["components"]["responses"].items()
+    ]
+    for path, method in sorted(_documented_operations()):
+        base = f"/paths/{_escape(path)}/{method}/responses"
+        responses = DOC["paths"][path][method]["responses"].items()
+        found.extend((f"{base}/{key}", item) for key, item in responses if "$ref" not in item)
+    return [(pointer, item) for pointer, item in found if PROBLEM_JSON in item["content"]]
+
+
+def _pinned(response: dict[str, Any]) -> tuple[int, set[str]]:
+    """The status and codes a problem response's schema allows."""
+    pinned = response["content"][PROBLEM_JSON]["schema"]["properties"]
+    return pinned["status"]["const"], set(pinned["code"]["enum"])
+
+
+def test_problem_statuses_and_codes_are_those_the_code_answers() -> None:
+    raised = {(cls.status, cls.code) for cls in DOCUMENTED_ERRORS}
+    routed = {(status, problems._http_code(status)) for status in ROUTER_STATUSES}
+    fallback_body = problems.internal_error().body
+    assert isinstance(fallback_body, bytes)
+    fallback = orjson.loads(fallback_body)
+    routed.add((fallback["status"], fallback["code"]))
+    documented = {
+        (status, code)
+        for _, response in _problem_responses()
+        for status, codes in [_pinned(response)]
+        for code in codes
+    }
+    assert documented - (raised | routed) == set(), "documented problems no code answers"
+    assert (raised | routed) - documented == set(), "problems the code answers, not documented"
+    gaps = {(cls.status, cls.code) for cls in UNDOCUMENTED_ERRORS}
+    assert gaps & documented == set(), "documented now: remove them from UNDOCUMENTED_ERRORS"
+    for path, method in _documented_operations():
+        for key, item in DOC["paths"][path][method]["responses"].items():
+            described, _ = _deref(item, "")
+            if PROBLEM_JSON in described.get("content", {}):
+                assert str(_pinned(described)[0]) == key, f"{method} {path}: {key} is another's"
+    pattern = SCHEMAS["Problem"]["properties"]["type"]["pattern"]
+    assert pattern == "^" + re.escape(problems.PROBLEM_TYPE)
+
+
+def _instance(cls: type[errors.AppError]) -> errors.AppError:
+    """An instance of ``cls``, its required keyword arguments (``retry_after``) set to 1."""
+    required = {
+        name: 1
+        for name, parameter in inspect.signature(cls).parameters.items()
+        if parameter.kind is parameter.KEYWORD_ONLY and parameter.default is parameter.empty
+    }
+    return cls("a detail", **required)
+
+
+@pytest.mark.parametrize("cls", DOCUMENTED_ERRORS, ids=lambda cls: cls.__name__)
+def test_every_error_renders_as_its_documented_problems_with_their_headers(
+    cls: type[errors.AppError],
+) -> None:
+    error = _instance(cls)
+    rendered = problems.render(error)
+    assert isinstance(rendered.body, bytes)
+    body = orjson.loads(rendered.body)
+    added = error.headers() or {}
+    matching = [
+        (pointer, response)
+        for pointer, response in _problem_responses()
+        if _pinned(response)[0] == cls.status and cls.code in _pinned(response)[1]
+    ]
+    assert matching, f"{cls.__name__}: no problem response for {cls.status} {cls.code}"
+    for pointer, response in matching:
+        schema = {"$ref": f"{BASE}#{pointer}/content/{_escape(PROBLEM_JSON)}/schema"}
+        _validate(body, schema, f"{cls.__name__} against {pointer}")
+        documented = set(response["headers"]) - {"X-Request-ID"}
+        assert documented == set(added), f"{cls.__name__} at {pointer}: headers differ"
+        for name, value in added.items():
+            header, _ = _deref(response["headers"][name], "")
+            instance = int(value) if header["schema"].get("type") == "integer" else value
+            _validate(instance, header["schema"], f"{cls.__name__}: header {name}")
+
+
+def test_seed_comments_are_the_rejections_seed_messages() -> None:
+    (refused,) = [
+        branch
+        for branch in SCHEMAS["SeedResult"]["oneOf"]
+        if branch["properties"]["isSuccess"]["const"] is False
+    ]
+    messages = {cls.seed_message for cls in APP_ERRORS if issubclass(cls, errors.Rejection)}
+    assert set(refused["properties"]["comment"]["enum"]) == messages
+
+
+def _accepts(parse: Callable[[Any], object], value: Any) -> bool:
+    try:
+        parse(value)
+    except errors.InvalidRequest:
+        return False
+    return True
+
+
+def _schema_accepts(schema: dict[str, Any], value: Any) -> bool:
+    return bool(Draft202012Validator(schema, registry=REGISTRY).is_valid(value))
+
+
+def test_id_range_is_the_parsers() -> None:
+    low, high = SCHEMAS["Id"]["minimum"], SCHEMAS["Id"]["maximum"]
+    assert (low, high) == (1, MAX_ID)
+    for parse in (partial(ids.json_id, name="id"), lambda raw: ids.parse_id(str(raw), "id")):
+        for value in (low - 1, low, high, high + 1):
+            assert _accepts(parse, value) == _schema_accepts(SCHEMAS["Id"], value), value
+    assert not _accepts(partial(ids.json_id, name="id"), True)
+    assert not _schema_accepts(SCHEMAS["Id"], True)
+
+
+# The request bodies, the validators that read them and the least body each accepts.
+BODIES: dict[str, tuple[Callable[[Any], object], dict[str, Any]]] = {
+    "NewCoupon": (
+        NewCoupon.from_json,
+        {
+            "title": "t",
+            "date_issue_start": "2030-01-01T00:00:00+09:00",
+            "date_issue_end": "2030-01-02T00:00:00+09:00",
+        },
+    ),
+    "CouponChange": (CouponChange.from_json, {"paused": False}),
+}
+AMOUNTS = [
+    ("NewCoupon", "total_quantity"),
+    ("NewCoupon", "discount_amount"),
+    ("NewCoupon", "min_available_amount"),
+    ("CouponChange", "total_quantity"),
+]
+
+
+@pytest.mark.parametrize(("body", "name"), AMOUNTS)
+def test_amount_ranges_and_defaults_are_the_validators(body: str, name: str) -> None:
+    """The document and the validator give every value the same verdict."""
+    parse, least = BODIES[body]
+    documented = SCHEMAS[body]["properties"][name]
+    low, high = documented["minimum"], documented["maximum"]
+    assert (low, high) == (0, MAX_INT32)
+    for value in (low - 1, low, high, high + 1, None, True, "1"):
+        in_code = _accepts(parse, {**least, name: value})
+        assert in_code == _schema_accepts(documented, value), f"{body}.{name}={value!r}"
+    if "default" in documented:
+        assert getattr(parse(least), name) == documented["default"], f"{body}.{name} default"
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_title_length_is_the_validators(body: str) -> None:
+    parse, least = BODIES[body]
+    documented = SCHEMAS[body]["properties"]["title"]
+    low, high = documented["minLength"], documented["maxLength"]
+    assert (low, high) == (1, TITLE_MAX_LENGTH)
+    for title in ("x" * (low - 1), "x" * low, "x" * high, "x" * (high + 1), " ", " x ", 7):
+        in_code = _accepts(parse, {**least, "title": title})
+        assert in_code == _schema_accepts(documented, title), f"{body}.title={title!r:.20}"
+
+
+def _walk(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_every_integer_format_fits_its_range() -> None:
+    for node in _walk(DOC):
+        if "format" in node and "integer" in node.get("type", ()):
+            wide = node.get("maximum", MAX_ID) > MAX_INT32 or node.get("minimum", 0) < -MAX_INT32
+            assert node["format"] == ("int64" if wide else "int32"), node
+
+
+def test_coupon_type_is_the_models() -> None:
+    found = [
+        node["properties"]["coupon_type"]
+        for node in _walk(DOC)
+        if "coupon_type" in node.get("properties", {})
+    ]
+    assert found, "no schema has coupon_type"
+    assert all(item == {"const": COUPON_TYPE} for item in found), found
+
+
+def test_settings_named_in_the_document_exist() -> None:
+    named = {
+        name
+        for node in _walk(DOC)
+        if isinstance(node.get("description"), str)
+        for name in re.findall(r"\bCOUPON_[A-Z0-9_]+", node["description"])
+    }
+    assert "COUPON_MAX_BODY_BYTES" in named, "the 413 no longer names the body size setting"
+    assert named - set(ENVIRONMENT) == set(), "the document names settings that do not exist"
+
+
+def test_request_id_length_is_the_middlewares() -> None:
+    components = DOC["components"]
+    limit = components["headers"]["RequestId"]["schema"]["maxLength"]
+    assert f"first {limit} characters" in components["parameters"]["RequestId"]["description"]
+    sent = make_mocked_request("GET", "/", headers={"X-Request-ID": "a" * (limit + 1)})
+    assert problems.request_id_of(sent) == "a" * limit
+
+
+def test_every_operation_answers_500_and_every_response_carries_the_request_id() -> None:
+    """What the problem middleware adds to every route, and the body reader to those with one."""
+    for path, method in _documented_operations():
+        operation = DOC["paths"][path][method]
+        responses = operation["responses"]
+        assert responses["500"] == _ref("responses", "InternalError"), f"{method} {path}"
+        if "requestBody" in operation:
+            assert responses["400"] == _ref("responses", "InvalidRequest"), f"{method} {path}"
+            assert responses["413"] == _ref("responses", "TooLarge"), f"{method} {path}"
+        for key, item in responses.items():
+            described, _ = _deref(item, "")
+            request_id = described["headers"]["X-Request-ID"]
+            assert request_id == _ref("headers", "RequestId"), f"{method} {path} {key}"
+    for name, item in DOC["components"]["responses"].items():
+        assert item["headers"]["X-Request-ID"] == _ref("headers", "RequestId"), name
+
+
+async def test_list_query_limits_are_the_handlers(client: Client) -> None:
+    parameters = DOC["paths"]["/admin/coupons"]["get"]["parameters"]
+    limits = {p["name"]: p["schema"] for p in parameters if p.get("in") == "query"}
+    assert set(limits) == {"after", "limit"}
+    assert limits["after"]["maximum"] == MAX_ID
+    for name, schema in limits.items():
+        low, high = schema["minimum"], schema["maximum"]
+        for value, status in ((low, 200), (high, 200), (low - 1, 400), (high + 1, 400)):
+            response = await client.get("/admin/coupons", params={name: value}, headers=ADMIN)
+            assert response.status == status, f"?{name}={value}: {await response.text()}"
 
 
 # --------------------------------------------------------------------------------------------
