@@ -24,24 +24,11 @@ from shared import keys, metrics
 from shared.ids import id_or_none
 from shared.mysql import issue_store
 from shared.mysql.issue_store import BatchResult, Entry, Malformed
-from shared.redis import client as redis_client
-from shared.redis.coupon_state import ensure_group
 from shared.redis.scripts import Scripts
 from shared.settings import Settings
+from stream_worker.reader import Delivered, StreamReader
 
 log = structlog.get_logger(__name__)
-
-Delivered = tuple[int, str, dict[str, str]]
-"""(coupon id, entry id, fields) as read from a stream."""
-
-
-# On a Redis Cluster reads cannot block across streams; an idle worker polls this often.
-CLUSTER_IDLE_POLL_SECONDS = 0.05
-
-
-def _coupon_of(stream: str) -> int:
-    # "{coupon:42}:requests" -> 42
-    return int(stream[len("{coupon:") : stream.index("}")])
 
 
 class Worker:
@@ -53,12 +40,9 @@ class Worker:
         self._settings = settings
         self._scripts = Scripts(redis)
         self.name = settings.worker_name
-        self._streams: dict[str, int] = {}
         self._stopping = asyncio.Event()
-        self._next_discovery = 0.0
+        self._reader = StreamReader(redis, settings, self._stopping)
         self._next_reclaim = 0.0
-        self._cluster = redis_client.is_cluster(redis)
-        self._rotation = 0
         self._reading: asyncio.Task[list[Delivered]] | None = None
         """The read started ahead of the batch committing."""
         self._waiting: list[Delivered] = []
@@ -84,13 +68,13 @@ class Worker:
         MySQL outage, acknowledged only after their own commit.
         """
         log.info("worker_started", consumer=self.name, burst=burst)
-        await self._discover()
+        await self._reader.discover()
         await self._process_own_pending()
         try:
             while not self._stopping.is_set():
                 now = time.monotonic()
-                if now >= self._next_discovery:
-                    await self._discover()
+                if now >= self._reader.next_discovery:
+                    await self._reader.discover()
                 reclaim_due = burst or now >= self._next_reclaim
                 delivered = await self._next_read(block=not burst)
                 did_work = await self._handle_read(
@@ -118,7 +102,7 @@ class Worker:
     async def _next_read(self, *, block: bool) -> list[Delivered]:
         """The read started ahead, if there is one, else a read now."""
         if self._reading is None:
-            return await self._read(block=block)
+            return await self._reader.read(block=block)
         reading, self._reading = self._reading, None
         return await reading
 
@@ -139,7 +123,7 @@ class Worker:
                 return True
         self._waiting = []
         if read_ahead and not self._stopping.is_set():
-            self._reading = asyncio.create_task(self._read(block=block))
+            self._reading = asyncio.create_task(self._reader.read(block=block))
         await self._handle(last)
         return True
 
@@ -152,130 +136,31 @@ class Worker:
             held += [(coupon_id, entry_id) for coupon_id, entry_id, _ in ahead.result()]
         return held
 
-    async def _discover(self) -> None:
-        """Pick up coupons created since the last look, without a restart."""
-        self._next_discovery = time.monotonic() + self._settings.discovery_interval_seconds
-        try:
-            ids = await self._redis.smembers(keys.ACTIVE_COUPONS)
-            for raw in ids:
-                coupon_id = id_or_none(str(raw))
-                if coupon_id is None:  # only an operator with Redis access can write junk
-                    log.warning("active_coupon_ignored", member=str(raw)[:64])
-                    continue
-                stream = keys.CouponKeys(coupon_id).requests
-                if stream not in self._streams:
-                    await ensure_group(self._redis, coupon_id)
-                    self._streams[stream] = coupon_id
-                    log.info("stream_discovered", coupon_id=coupon_id)
-        except (RedisError, OSError) as exc:
-            log.warning("discovery_failed", error=repr(exc))
-
-    async def _read(self, *, block: bool) -> list[Delivered]:
-        if not self._streams:
-            if block:
-                await self._pause(self._settings.block_ms / 1000)
-            return []
-        try:
-            if self._cluster:
-                delivered = await self._read_each_stream()
-                if not delivered and block:
-                    await self._pause(CLUSTER_IDLE_POLL_SECONDS)
-                return delivered
-            reply = await self._redis.xreadgroup(
-                keys.GROUP,
-                self.name,
-                dict.fromkeys(self._streams, ">"),
-                count=self._settings.batch_size,
-                block=self._settings.block_ms if block else None,
-            )
-        except (RedisError, OSError) as exc:
-            log.warning("read_failed", error=repr(exc))
-            await self._pause(1.0)
-            return []
-        return _flatten(reply)
-
-    async def _read_each_stream(self) -> list[Delivered]:
-        """On a Redis Cluster each coupon's stream lives in its own hash slot and one
-        XREADGROUP may not span slots: read them one by one (without blocking), starting at a
-        different stream each time so none is starved, until a batch is full."""
-        streams = list(self._streams)
-        self._rotation = (self._rotation + 1) % len(streams)
-        delivered: list[Delivered] = []
-        for stream in streams[self._rotation :] + streams[: self._rotation]:
-            room = self._settings.batch_size - len(delivered)
-            if room <= 0:
-                break
-            reply = await self._redis.xreadgroup(keys.GROUP, self.name, {stream: ">"}, count=room)
-            delivered.extend(_flatten(reply))
-        return delivered
-
     async def _process_own_pending(self) -> None:
         """Re-read what this consumer name had in hand before a restart, and settle it."""
-        for stream, coupon_id in list(self._streams.items()):
-            last = "0"
-            while not self._stopping.is_set():
-                try:
-                    reply = await self._redis.xreadgroup(
-                        keys.GROUP, self.name, {stream: last}, count=self._settings.batch_size
-                    )
-                except (RedisError, OSError) as exc:
-                    log.warning("pending_read_failed", coupon_id=coupon_id, error=repr(exc))
-                    break
-                delivered = _flatten(reply)
-                if not delivered:
-                    break
-                log.info("own_pending_recovered", coupon_id=coupon_id, entries=len(delivered))
-                await self._handle(delivered)
-                last = delivered[-1][1]
+        async for delivered in self._reader.own_pending():
+            await self._handle(delivered)
 
     async def _reclaim(self) -> bool:
         """Take over entries idle longer than ``reclaim_idle_ms``; dead-letter the hopeless."""
         found = False
-        for stream, coupon_id in list(self._streams.items()):
-            start = "0-0"
-            for _ in range(100):  # bounded: at most 100 pages per stream per pass
-                try:
-                    start, claimed, _deleted = await self._redis.xautoclaim(
-                        stream,
-                        keys.GROUP,
-                        self.name,
-                        self._settings.reclaim_idle_ms,
-                        start,
-                        count=self._settings.batch_size,
-                    )
-                    if not claimed:
-                        break
-                    deliveries = await self._delivery_counts(stream, claimed)
-                except (RedisError, OSError) as exc:
-                    log.warning("reclaim_failed", coupon_id=coupon_id, error=repr(exc))
-                    break
-                found = True
-                metrics.WORKER_ENTRIES.labels("reclaimed").inc(len(claimed))
-                limit = self._settings.max_deliveries
-                hopeless = [(coupon_id, i, f) for i, f in claimed if deliveries.get(i, 0) > limit]
-                retry = [(coupon_id, i, f) for i, f in claimed if deliveries.get(i, 0) <= limit]
-                log.info(
-                    "entries_reclaimed",
-                    coupon_id=coupon_id,
-                    retry=len(retry),
-                    dead_letter=len(hopeless),
-                )
-                if retry:
-                    await self._handle(retry)
-                if hopeless:
-                    await self._dead_letter(hopeless, deliveries, "max_deliveries")
-                if start == "0-0":
-                    break
+        limit = self._settings.max_deliveries
+        async for claimed, deliveries in self._reader.idle():
+            found = True
+            metrics.WORKER_ENTRIES.labels("reclaimed").inc(len(claimed))
+            hopeless = [d for d in claimed if deliveries.get(d[1], 0) > limit]
+            retry = [d for d in claimed if deliveries.get(d[1], 0) <= limit]
+            log.info(
+                "entries_reclaimed",
+                coupon_id=claimed[0][0],
+                retry=len(retry),
+                dead_letter=len(hopeless),
+            )
+            if retry:
+                await self._handle(retry)
+            if hopeless:
+                await self._dead_letter(hopeless, deliveries, "max_deliveries")
         return found
-
-    async def _delivery_counts(
-        self, stream: str, claimed: Sequence[tuple[str, Any]]
-    ) -> dict[str, int]:
-        ids = [entry_id for entry_id, _ in claimed]
-        rows = await self._redis.xpending_range(
-            stream, keys.GROUP, min=ids[0], max=ids[-1], count=len(ids) * 2, consumername=self.name
-        )
-        return {str(row["message_id"]): int(row["times_delivered"]) for row in rows}
 
     async def _handle(self, delivered: list[Delivered]) -> None:
         """Commit a batch to MySQL, then acknowledge it. Malformed entries stay pending."""
@@ -328,7 +213,7 @@ class Worker:
                     log.warning("batch_abandoned_at_shutdown", entries=len(entries))
                     self._gave_up = True
                     return None
-                await self._keep_claimed(
+                await self._reader.keep_claimed(
                     [(e.coupon_id, e.entry_id) for e in entries] + self._held_besides()
                 )
                 await asyncio.sleep(delay)
@@ -356,17 +241,6 @@ class Worker:
             if result is not None:
                 await self._acknowledge(result)
         return BatchResult()
-
-    async def _keep_claimed(self, held: Sequence[tuple[int, str]]) -> None:
-        """Re-claim (coupon id, entry id) pairs so that no other worker takes them over."""
-        by_stream: dict[str, list[int | bytes | str | memoryview[int]]] = {}
-        for coupon_id, entry_id in held:
-            by_stream.setdefault(keys.CouponKeys(coupon_id).requests, []).append(entry_id)
-        try:
-            for stream, ids in by_stream.items():
-                await self._redis.xclaim(stream, keys.GROUP, self.name, 0, ids, justid=True)
-        except (RedisError, OSError) as exc:
-            log.warning("keep_claimed_failed", error=repr(exc))
 
     async def _acknowledge(self, result: BatchResult) -> None:
         """Mark issued users and XACK, then release the dead-lettered; retried until done."""
@@ -465,13 +339,6 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def _pause(self, seconds: float) -> None:
-        try:
-            await asyncio.wait_for(self._stopping.wait(), seconds)
-        except TimeoutError:
-            pass
-
-
 def _batches(delivered: list[Delivered], size: int) -> list[list[Delivered]]:
     return [delivered[start : start + size] for start in range(0, len(delivered), size)]
 
@@ -483,15 +350,3 @@ def _observe_time_to_issue(inserted: Sequence[Entry]) -> None:
     observe = metrics.WORKER_TIME_TO_ISSUE_SECONDS.observe
     for entry in inserted:
         observe(max(committed_ms - entry.accepted_ms, 0.0) / 1000)
-
-
-def _flatten(reply: Any) -> list[Delivered]:
-    """XREADGROUP's nested reply as a flat list, skipping entries deleted while pending."""
-    delivered: list[Delivered] = []
-    for stream, entries in reply or []:
-        coupon_id = _coupon_of(stream)
-        for entry_id, fields in entries:
-            if fields is None:
-                continue
-            delivered.append((coupon_id, entry_id, fields))
-    return delivered
