@@ -13,9 +13,9 @@ Mapping (seed class -> tests here):
   rules exists to check, so each case sets up the coupon's real state and asks for one more.
 - CouponIssueServiceTest (7) -> 7 tests of the worker's MySQL write,
   ``shared.mysql.issue_store.write_batch`` on ``Entry`` objects. Differences on purpose: a
-  duplicate is "already issued" (idempotent redelivery, §10.2) instead of an error; a request
-  accepted inside the window is issued even when consumed after the end (§10.3); sold out at
-  MySQL level dead-letters the request and releases its slot (§10.6) instead of blocking.
+  duplicate is "already issued" (an idempotent redelivery) instead of an error; a request
+  accepted inside the window is issued even when consumed after the end; sold out at
+  MySQL level dead-letters the request and releases its slot instead of blocking.
 - CouponIssueRedisServiceTest (4) -> 4 tests of ``issue.lua`` through ``Scripts.reserve``.
 - AsyncCouponIssueServiceV1Test (6) + AsyncCouponIssueServiceV2Test (6) -> 7 tests of
   ``POST /v1/coupons/{id}/issues``. V1 (SADD + RPUSH under a lock) and V2 (a Lua script) were
@@ -284,7 +284,7 @@ async def test_coupon_issue_service_save_coupon_issue_1_existing_issue_is_alread
     """CouponIssueServiceTest.saveCouponIssue_1 — intended difference.
 
     The seed threw DUPLICATED_COUPON_ISSUE, which turned a redelivery after a crash into a
-    poison message (seed §10.2). Here the same entry written twice is "already issued": one
+    poison message. Here the same entry written twice is "already issued": one
     row, the counter raised once, and the entry can be acknowledged.
     """
     coupon = await make_coupon(total=10)
@@ -340,7 +340,7 @@ async def test_coupon_issue_service_issue_2_sold_out_in_mysql_is_dead_lettered_o
     """CouponIssueServiceTest.issue_2 — intended difference.
 
     The seed threw INVALID_COUPON_ISSUE_QUANTITY at 100/100 and the item blocked the queue
-    forever, its slot lost (seed §10.1, §10.6). Here MySQL is the last guard: when Redis let
+    forever, its slot lost. Here MySQL is the last guard: when Redis let
     one request too many through (its state was wrong), the writer never passes the cap, it
     dead-letters the extra request, and the worker gives its slot back and marks it failed.
     """
@@ -368,7 +368,7 @@ async def test_coupon_issue_service_issue_3_expired_window_still_issues_request_
     """CouponIssueServiceTest.issue_3 — intended difference.
 
     The seed re-checked the window at consumption and threw INVALID_COUPON_ISSUE_DATE, so a
-    user told "success" just before the end got nothing (seed §10.3). Here the window is judged
+    user told "success" just before the end got nothing. Here the window is judged
     once, by Redis time at acceptance; a request accepted in time is issued even when the
     worker reaches it after the end, and its row carries the acceptance time.
     """
@@ -403,8 +403,8 @@ async def test_coupon_issue_service_issue_4_user_with_a_row_gets_no_second_row(
     """CouponIssueServiceTest.issue_4 — intended difference (no error, no second row).
 
     A second, different request of a user who already holds a row (possible only if Redis lost
-    its dedup state, seed §10.4) is settled as already issued: the UNIQUE(coupon_id, user_id)
-    key and the writer's check are the last guard the seed lacked (§10.8). The entries are made
+    its dedup state) is settled as already issued: the UNIQUE(coupon_id, user_id)
+    key and the writer's check are the last guard the seed lacked. The entries are made
     by hand because the Lua script would refuse the second request.
     """
     coupon = await make_coupon(total=10)

@@ -1,4 +1,4 @@
-"""Workers scaled 1 -> 4 -> 1 in the middle of a drop lose nothing (issue 6, item 2).
+"""Workers scaled 1 -> 4 -> 1 in the middle of a drop lose nothing.
 
 One gateway process takes a paced load on three coupons (one sold out during the run, one
 larger, one without a limit) while the worker pool grows and shrinks under it:
