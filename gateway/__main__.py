@@ -10,19 +10,13 @@ import structlog
 
 from gateway import listener, processes
 from gateway.app import create_app
-from shared import logging as shared_logging
 from shared import metrics
-from shared.settings import ConfigError, Settings, redact_url
+from shared.settings import ConfigError, redact_url
+from shared.startup import exit_on_config_error, settings_or_exit
 
 
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    shared_logging.configure(settings.log_format, settings.log_level)
-    shared_logging.report_unknown_settings()
+    settings = settings_or_exit("coupon-gateway")
     log = structlog.get_logger("gateway")
     one_of_many = processes.CHILD_FLAG in sys.argv[1:]
     if settings.gateway_processes > 1 and not one_of_many:
@@ -60,8 +54,7 @@ def main() -> None:
             lingering_time=settings.body_read_timeout_seconds,
         )
     except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys
-        print(f"coupon-gateway: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_on_config_error("coupon-gateway", exc)
     except OSError as exc:
         log.error("gateway_start_failed", error=str(exc))
         raise SystemExit(1) from None

@@ -14,12 +14,12 @@ import structlog
 import uvloop
 from prometheus_client import start_http_server
 
-from shared import logging as shared_logging
 from shared import metrics
 from shared.mysql.pool import create_pool
 from shared.redis import client as redis_client
 from shared.redis import state as redis_state
 from shared.settings import ConfigError, Settings
+from shared.startup import exit_on_config_error, settings_or_exit
 from stream_worker.monitor import StreamMonitor
 from stream_worker.worker import Worker
 
@@ -63,21 +63,14 @@ async def serve(settings: Settings, *, burst: bool = False) -> None:
 
 
 def main() -> None:
-    try:
-        settings = Settings.from_env()
-    except ConfigError as exc:
-        print(f"coupon-worker: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    shared_logging.configure(settings.log_format, settings.log_level)
-    shared_logging.report_unknown_settings()
+    settings = settings_or_exit("coupon-worker")
     metrics.init_worker_series()
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port, addr=settings.http_host)
     try:
         uvloop.run(serve(settings, burst="--burst" in sys.argv[1:]))
     except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys
-        print(f"coupon-worker: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_on_config_error("coupon-worker", exc)
 
 
 if __name__ == "__main__":
