@@ -3,7 +3,7 @@
 Each key (a client address, a user id) has a GCRA bucket (the "generic cell rate algorithm",
 a token bucket stored as ONE float: the theoretical arrival time of the next request). A
 request costs one dict pop and one insert, no Redis round trip, so the limiter is nearly free
-on the hot path (bench/ratelimit_cost.py measures it). A refused request consumes nothing.
+on the hot path (tests/bench/ratelimit_cost.py measures it). A refused request consumes nothing.
 
 Memory is bounded: the keys are kept in least-recently-used order (every hit moves its key to
 the end); each new key first drops up to two idle keys from the old end (a key whose bucket has

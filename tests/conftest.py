@@ -1,16 +1,17 @@
 """Fixtures: a real redis-server and a real MariaDB, started once per session on free ports by
-pytest-redis and pytest-mysql (mirakuru underneath), and clean state for every test."""
+pytest-redis and pytest-mysql (mirakuru underneath), and clean state for every test.
+
+The programs and the service's MySQL account come from :mod:`tests.servers`, as for the
+benchmark and fault stacks."""
 
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomysql
-import pymysql
 import pytest
 from aiohttp.test_utils import TestClient
 from pytest_mysql import factories as mysql_factories
@@ -26,24 +27,16 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests import invariants
+from tests.servers import HOST, MYSQL_PASSWORD, MYSQL_USER, create_service_user, find_binary
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
-
-def _server_binary(*names: str) -> str:
-    for name in names:
-        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
-        if found:
-            return found
-    raise RuntimeError(f"none of {names} is installed; run ./scripts/test to install them")
-
-
-redis_proc = redis_factories.redis_proc(executable=_server_binary("redis-server"), port=None)
+redis_proc = redis_factories.redis_proc(executable=find_binary("redis-server"), port=None)
 mysql_proc = mysql_factories.mysql_proc(
-    mysqld_exec=_server_binary("mariadbd", "mysqld"),
-    mysqld_safe=_server_binary("mysqld_safe", "mariadbd-safe"),
-    admin_executable=_server_binary("mariadb-admin", "mysqladmin"),
-    install_db=_server_binary("mariadb-install-db", "mysql_install_db"),
+    mysqld_exec=find_binary("mariadbd", "mysqld"),
+    mysqld_safe=find_binary("mysqld_safe", "mariadbd-safe"),
+    admin_executable=find_binary("mariadb-admin", "mysqladmin"),
+    install_db=find_binary("mariadb-install-db", "mysql_install_db"),
     port=None,
     params="--skip-name-resolve --innodb-buffer-pool-size=64M --innodb-log-file-size=48M",
 )
@@ -51,24 +44,12 @@ mysql_proc = mysql_factories.mysql_proc(
 MYSQL_DATABASE = "coupon_test"
 
 
-MYSQL_USER, MYSQL_PASSWORD = "coupon", "coupon-test-password"
-
-
 @pytest.fixture(scope="session")
 def mysql_service_user(mysql_proc: Any) -> str:
-    """A service account over TCP with rights on the test databases only, made as root through
-    the unix socket (MariaDB's root authenticates by socket credentials)."""
-    conn = pymysql.connect(unix_socket=mysql_proc.unixsocket, user="root")
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                f"CREATE USER IF NOT EXISTS '{MYSQL_USER}'@'127.0.0.1'"
-                f" IDENTIFIED BY '{MYSQL_PASSWORD}'"
-            )
-            cur.execute(f"GRANT ALL PRIVILEGES ON `coupon\\_%`.* TO '{MYSQL_USER}'@'127.0.0.1'")
-    finally:
-        conn.close()
-    return f"mysql://{MYSQL_USER}:{MYSQL_PASSWORD}@127.0.0.1:{mysql_proc.port}"
+    """The service's account (the deployed rights) over TCP, on every test database, made as
+    root through the unix socket; the tests may also drop the databases they made."""
+    create_service_user(mysql_proc.unixsocket, admin="root", may_drop=True)
+    return f"mysql://{MYSQL_USER}:{MYSQL_PASSWORD}@{HOST}:{mysql_proc.port}"
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +19,9 @@ from redis.asyncio import Redis
 
 from shared.settings import Settings
 from stream_worker.worker import Worker
+from tests.servers import REPO, free_port, http_ok
 
 ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
-REPO = Path(__file__).resolve().parent.parent
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 
 
@@ -61,9 +58,11 @@ async def issue(
     return response.status, await response.json(content_type=None)
 
 
-async def row_count(pool: aiomysql.Pool, coupon_id: int) -> int:
+async def row_count(pool: aiomysql.Pool, coupon_id: int | None = None) -> int:
+    """Rows of one coupon, or of all."""
+    where, args = ("WHERE coupon_id = %s", (coupon_id,)) if coupon_id else ("", ())
     async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT COUNT(*) FROM coupon_issues WHERE coupon_id = %s", (coupon_id,))
+        await cur.execute(f"SELECT COUNT(*) FROM coupon_issues {where}", args)
         (count,) = await cur.fetchone()
         await conn.rollback()
     return int(count)
@@ -96,12 +95,6 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update(settings.to_env())
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
@@ -152,13 +145,8 @@ class GatewayProcess:
         while True:
             if self._process.poll() is not None:
                 raise AssertionError(f"gateway exited at start:\n{self.output()}")
-            try:
-                # Our own http:// URL on loopback.
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:  # noqa: S310
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            if http_ok(f"{self.url}/healthz"):
+                return
             if time.monotonic() > deadline:
                 raise AssertionError(f"gateway not healthy within {within} s:\n{self.output()}")
             time.sleep(0.05)

@@ -1,9 +1,15 @@
 """The drop's invariants (I1 no oversell, I2 one row per user, I3 every accepted request
 a row or dead-lettered, I5 the counters close, I6 issued_quantity = rows), checked against
-MySQL and Redis after a test moved coupons."""
+MySQL and Redis after a test moved coupons.
+
+:func:`read` takes one coupon's :class:`Snapshot` of the stores; its methods say what each
+invariant compares. :class:`Checker` asserts them in the tests; the benchmarks and the load
+test (``tests/bench/checks.py``) report them from the same snapshot.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,6 +25,10 @@ class Snapshot:
     """What the stores hold for one coupon once the pipeline has drained."""
 
     rows: dict[int, str | None]
+    """User id -> request id of the row (None for a row the seed's sync route wrote)."""
+    doubled: dict[int, int]
+    """Users with more than one row, and how many they have (I2 wants none)."""
+    total_quantity: int | None
     issued_quantity: int
     requested: int
     dead_lettered: int
@@ -27,6 +37,57 @@ class Snapshot:
     slot_holders: set[int]
     marked_issued: set[int]
     marked_failed: set[int]
+
+    def oversold(self, total_quantity: int | None) -> bool:
+        """I1: more rows than the total."""
+        return total_quantity is not None and len(self.rows) > total_quantity
+
+    def lost(self, accepted: Iterable[int]) -> set[int]:
+        """I3: accepted, yet neither a row nor dead-lettered and shown failed."""
+        return set(accepted) - set(self.rows) - self.marked_failed
+
+    @property
+    def extra_rows(self) -> int:
+        """I2: rows beyond the first of each user."""
+        return sum(count - 1 for count in self.doubled.values())
+
+    @property
+    def counter_matches(self) -> bool:
+        """I6: ``issued_quantity`` equals the rows."""
+        return self.issued_quantity == len(self.rows)
+
+
+async def read(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> Snapshot:
+    """One coupon's snapshot of MySQL and Redis, judging nothing."""
+    k = keys.CouponKeys(coupon_id)
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute(
+            "SELECT user_id, request_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,)
+        )
+        pairs = await cur.fetchall()
+        await cur.execute(
+            "SELECT total_quantity, issued_quantity FROM coupons WHERE id = %s", (coupon_id,)
+        )
+        total_quantity, issued_quantity = await cur.fetchone()
+        await conn.rollback()
+    per_user = Counter(int(user) for user, _ in pairs)
+    stream = await redis.xinfo_stream(k.requests)
+    groups = await redis.xinfo_groups(k.requests)
+    group = next(g for g in groups if g["name"] == keys.GROUP)
+    dead_entries = await redis.xrange(k.dead)
+    return Snapshot(
+        rows={int(user): request for user, request in pairs},
+        doubled={user: count for user, count in per_user.items() if count > 1},
+        total_quantity=None if total_quantity is None else int(total_quantity),
+        issued_quantity=int(issued_quantity),
+        requested=int(stream["entries-added"]),
+        dead_lettered=len(dead_entries),
+        dead_users={int(f["f_u"]) for _, f in dead_entries if f.get("f_u", "").isdigit()},
+        pending=int(group["pending"]) + int(group.get("lag") or 0),
+        slot_holders={int(u) for u in await redis.smembers(k.users)},  # type: ignore[misc]
+        marked_issued={int(u) for u in await redis.smembers(k.issued)},  # type: ignore[misc]
+        marked_failed={int(u) for u in await redis.smembers(k.failed)},  # type: ignore[misc]
+    )
 
 
 class Checker:
@@ -37,39 +98,10 @@ class Checker:
         self._redis = redis
 
     async def snapshot(self, coupon_id: int) -> Snapshot:
-        k = keys.CouponKeys(coupon_id)
-        async with self._pool.acquire() as conn, conn.cursor() as cur:
-            await cur.execute(
-                "SELECT user_id, request_id FROM coupon_issues WHERE coupon_id = %s", (coupon_id,)
-            )
-            pairs = await cur.fetchall()
-            await cur.execute(
-                "SELECT COUNT(*) FROM coupon_issues WHERE coupon_id = %s"
-                " GROUP BY user_id HAVING COUNT(*) > 1",
-                (coupon_id,),
-            )
-            doubled = await cur.fetchall()
-            await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
-            (issued_quantity,) = await cur.fetchone()
-            await conn.rollback()
-        assert not doubled, f"I2: users with more than one row: {doubled}"
-        rows = {int(user): request for user, request in pairs}
-        assert len(rows) == len(pairs), "I2: duplicate (coupon, user) rows"
-        stream = await self._redis.xinfo_stream(k.requests)
-        groups = await self._redis.xinfo_groups(k.requests)
-        group = next(g for g in groups if g["name"] == keys.GROUP)
-        dead_entries = await self._redis.xrange(k.dead)
-        return Snapshot(
-            rows=rows,
-            issued_quantity=int(issued_quantity),
-            requested=int(stream["entries-added"]),
-            dead_lettered=len(dead_entries),
-            dead_users={int(f["f_u"]) for _, f in dead_entries if f.get("f_u", "").isdigit()},
-            pending=int(group["pending"]) + int(group.get("lag") or 0),
-            slot_holders={int(u) for u in await self._redis.smembers(k.users)},  # type: ignore[misc]
-            marked_issued={int(u) for u in await self._redis.smembers(k.issued)},  # type: ignore[misc]
-            marked_failed={int(u) for u in await self._redis.smembers(k.failed)},  # type: ignore[misc]
-        )
+        """The coupon's :class:`Snapshot`, with I2 (one row per user) asserted."""
+        snap = await read(self._pool, self._redis, coupon_id)
+        assert not snap.doubled, f"I2: users with more than one row: {snap.doubled}"
+        return snap
 
     async def __call__(
         self,
@@ -88,10 +120,9 @@ class Checker:
         accepted, rejected = set(accepted), set(rejected)
         issued_users = set(snap.rows)
         # I1: never more rows than the total.
-        if coupon.total_quantity is not None:
-            assert len(snap.rows) <= coupon.total_quantity, "I1: oversold"
+        assert not snap.oversold(coupon.total_quantity), "I1: oversold"
         # I3: every accepted request became a row, or was dead-lettered and shows failed.
-        lost = accepted - issued_users - snap.marked_failed
+        lost = snap.lost(accepted)
         assert not lost, f"I3: accepted but neither issued nor failed: {sorted(lost)[:10]}"
         # I4: no row for a user who only ever got a definite rejection.
         wrongly = rejected & issued_users
@@ -105,7 +136,7 @@ class Checker:
             f" dead={snap.dead_lettered}"
         )
         # I6: the counter equals the rows.
-        assert snap.issued_quantity == len(snap.rows), (
+        assert snap.counter_matches, (
             f"I6: issued_quantity={snap.issued_quantity} rows={len(snap.rows)}"
         )
         # Drained: Redis agrees with MySQL exactly; released slots are free again.

@@ -1,10 +1,9 @@
 """The fault harness: real processes on free ports, each with its own directory, and the
 signals that break them.
 
-- :class:`RedisServer`: ``redis-server`` with AOF (``appendfsync`` always or everysec) and
-  ``noeviction``, restartable on the same data directory (or empty, for state loss);
-- :class:`MariaDBServer`: a private ``mariadbd`` (``mariadb-install-db`` into a temp dir) for
-  the tests that stop or kill MySQL;
+- :class:`RedisServer`, :class:`MariaDBServer`: the servers of :mod:`tests.servers` (started
+  the same way as everywhere else), driven from the event loop: killed, paused, restarted on
+  the same data (or, for Redis, empty);
 - :class:`ServiceProcess`: ``python -m gateway`` / ``python -m stream_worker`` (or the crash
   driver) configured only through ``Settings.to_env()``;
 - :class:`Stack`: one system under test (servers, gateways, workers, clients for checking).
@@ -19,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,10 +30,9 @@ from typing import IO, Any
 
 import aiomysql
 import orjson
-import port_for
 import psutil
 import pymysql
-from mirakuru import HTTPExecutor, SimpleExecutor, TCPExecutor
+from mirakuru import HTTPExecutor, SimpleExecutor
 from mirakuru.exceptions import ExecutorError
 from redis.exceptions import RedisError
 
@@ -48,29 +44,16 @@ from shared.mysql.pool import create_pool
 from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.settings import Settings
+from tests import servers
+from tests.servers import HOST, REPO, free_port
 
-REPO = Path(__file__).resolve().parents[2]
-HOST = "127.0.0.1"
 ADMIN_TOKEN = "fault-admin-token-0123456789"
-MYSQL_USER, MYSQL_PASSWORD = "coupon", "coupon-test-password"
 START_TIMEOUT = 30.0
 # Debian's faketime package; the multiarch directory depends on the machine.
 FAKETIME_LIBRARY = next(
     iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))),
     Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
 )
-
-
-def free_port() -> int:
-    return int(port_for.select_random())
-
-
-def binary(*names: str) -> str:
-    for name in names:
-        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
-        if found:
-            return found
-    raise RuntimeError(f"none of {names} is installed; run ./scripts/test to install them")
 
 
 async def wait_until(
@@ -222,138 +205,47 @@ def _log_file(path: Path) -> IO[str]:
 
 
 class RedisServer(ServiceProcess):
-    """A private redis-server with AOF on, restartable on the same data directory."""
+    """The private redis-server of :mod:`tests.servers`, restartable on the same data."""
 
     def __init__(self, workdir: Path, *, appendfsync: str = "always") -> None:
-        self.port = free_port()
-        self.data_dir = workdir / "redis"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.appendfsync = appendfsync
-        log_path = workdir / "redis.log"
-        log = _log_file(log_path)
-        command = [
-            binary("redis-server"),
-            "--port", str(self.port),
-            "--bind", HOST,
-            "--dir", str(self.data_dir),
-            "--appendonly", "yes",
-            "--appendfsync", appendfsync,
-            "--maxmemory-policy", "noeviction",
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "no",
-            "--loglevel", "warning",
-        ]  # fmt: skip
-        executor = TCPExecutor(
-            command,
-            host=HOST,
-            port=self.port,
-            timeout=START_TIMEOUT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        super().__init__(f"redis:{self.port}", executor, log_path, log)
+        self.server = servers.RedisServer(workdir, appendfsync=appendfsync)
+        super().__init__(self.server.name, self.server.executor, self.server.log_path,
+                         self.server.log)  # fmt: skip
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        return self.server.url
 
     async def start(self) -> None:
-        await super().start()
-        # Redis listens before it has replayed the AOF; it answers LOADING until then.
-        client = redis_client.connect(self.url, socket_timeout=5.0)
-        try:
-            await wait_until(client.ping, within=START_TIMEOUT, what="redis loaded")
-        finally:
-            await client.aclose()
+        """Start; ready once Redis has replayed its AOF."""
+        await asyncio.to_thread(self.server.start)
 
     async def restart(self, *, empty: bool = False) -> None:
         """Kill (if running) and start again, on the same data or, with ``empty``, on none."""
         if self.running:
             self.kill()
         if empty:
-            shutil.rmtree(self.data_dir)
-            self.data_dir.mkdir()
+            self.server.wipe()
         await self.start()
 
 
 class MariaDBServer(ServiceProcess):
-    """A private mariadbd in a temp dir, with the service account the tests use."""
+    """The private mariadbd of :mod:`tests.servers`, with the service account the tests use."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = workdir / "mysql"
-        self.socket = workdir / "mysqld.sock"
-        self._installed = False
-        log_path = workdir / "mysql.log"
-        log = _log_file(log_path)
-        self._user = pwd.getpwuid(os.getuid()).pw_name
-        command = [
-            binary("mariadbd", "mysqld"),
-            "--no-defaults",
-            f"--datadir={self.data_dir}",
-            f"--socket={self.socket}",
-            f"--port={self.port}",
-            f"--bind-address={HOST}",
-            f"--user={self._user}",
-            f"--pid-file={workdir / 'mysqld.pid'}",
-            "--skip-name-resolve",
-            "--skip-log-bin",
-            "--performance-schema=OFF",
-            "--innodb-buffer-pool-size=32M",
-            "--innodb-log-file-size=16M",
-            # The durability the service is documented with: every COMMIT is on disk.
-            "--innodb-flush-log-at-trx-commit=1",
-        ]
-        executor = TCPExecutor(
-            command,
-            host=HOST,
-            port=self.port,
-            timeout=START_TIMEOUT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        super().__init__(f"mariadb:{self.port}", executor, log_path, log)
+        self.server = servers.MariaDBServer(workdir)
+        super().__init__(self.server.name, self.server.executor, self.server.log_path,
+                         self.server.log)  # fmt: skip
 
     def url(self, database: str) -> str:
-        return f"mysql://{MYSQL_USER}:{MYSQL_PASSWORD}@{HOST}:{self.port}/{database}"
+        return self.server.url(database)
 
     async def start(self) -> None:
-        if not self._installed:
-            await self._install()
-        await super().start()
-        if not self._installed:
-            await asyncio.to_thread(self._create_service_user)
-            self._installed = True
-
-    async def _install(self) -> None:
-        with self.log_path.open("a") as log:
-            process = await asyncio.create_subprocess_exec(
-                binary("mariadb-install-db", "mysql_install_db"),
-                "--no-defaults",
-                f"--datadir={self.data_dir}",
-                f"--user={self._user}",
-                "--auth-root-authentication-method=socket",
-                "--skip-test-db",
-                "--innodb-log-file-size=16M",
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            code = await asyncio.wait_for(process.wait(), START_TIMEOUT)
-        assert code == 0, f"mariadb-install-db failed:\n{self.log_tail()}"
-
-    def _create_service_user(self) -> None:
-        # MariaDB's root authenticates by socket credentials; the services use TCP and a password.
-        conn = pymysql.connect(unix_socket=str(self.socket), user="root")
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    f"CREATE USER IF NOT EXISTS '{MYSQL_USER}'@'{HOST}'"
-                    f" IDENTIFIED BY '{MYSQL_PASSWORD}'"
-                )
-                cur.execute(f"GRANT ALL PRIVILEGES ON `coupon\\_%`.* TO '{MYSQL_USER}'@'{HOST}'")
-        finally:
-            conn.close()
+        """Start (installing it and making the account the first time); ready for logins."""
+        first = not self.server.installed
+        await asyncio.to_thread(self.server.start)
+        if first:
+            await asyncio.to_thread(self.server.create_service_user)
 
 
 def fault_settings(redis_url: str, mysql_url: str, **changes: Any) -> Settings:

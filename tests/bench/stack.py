@@ -1,10 +1,11 @@
 """A private, throw-away copy of the whole system for benchmarks and load tests.
 
-Starts its own ``redis-server`` and ``mariadbd`` on free loopback ports with data in a temporary
-folder, applies the schema, and starts gateways, workers or any helper process on request. Every
-process it starts is stopped by :meth:`Stack.close` (SIGTERM, then SIGKILL after a grace
-period), which the ``with`` block calls on any exit: success, failure or Ctrl-C. As a last
-resort each child gets ``PR_SET_PDEATHSIG``, so even a SIGKILLed parent leaves nothing running.
+Starts its own ``redis-server`` and ``mariadbd`` (:mod:`tests.servers`, as the tests do) on
+free loopback ports with data in a temporary folder, applies the schema, and starts gateways,
+workers or any helper process on request. Every process it starts is stopped by
+:meth:`Stack.close` (SIGTERM, then SIGKILL after a grace period), which the ``with`` block calls
+on any exit: success, failure or Ctrl-C. As a last resort each child gets ``PR_SET_PDEATHSIG``,
+so even a SIGKILLed parent leaves nothing running.
 
 With ``COUPON_REDIS_URL`` / ``COUPON_MYSQL_URL`` set, those servers are used instead (as
 ``scripts/run`` does) and nothing is started for them.
@@ -13,55 +14,36 @@ With ``COUPON_REDIS_URL`` / ``COUPON_MYSQL_URL`` set, those servers are used ins
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import getpass
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-import pymysql
-
 from shared.settings import Settings
+from tests.helpers import child_env
+from tests.servers import (
+    REPO,
+    MariaDBServer,
+    RedisServer,
+    Server,
+    die_with_parent,
+    free_port,
+    http_ok,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-_PR_SET_PDEATHSIG = 1
 
 
 class StackError(RuntimeError):
-    """A server did not come up; the message names its log."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def find_binary(*names: str) -> str:
-    for name in names:
-        found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
-        if found:
-            return found
-    raise StackError(f"none of {names} is installed (./scripts/run installs them)")
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the parent dies, even by SIGKILL, the
-    # kernel sends this child SIGTERM, so an interrupted run never leaves servers behind.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    """A process did not come up; the message names its log."""
 
 
 @dataclass
@@ -119,6 +101,8 @@ class Stack:
         self._keep = keep
         self._appendfsync = redis_appendfsync
         self._procs: list[Proc] = []
+        self._servers: list[Server] = []
+        self._server_records: list[dict[str, object]] = []
         self.redis_url = os.environ.get("COUPON_REDIS_URL", "")
         self.mysql_url = os.environ.get("COUPON_MYSQL_URL", "")
         self.admin_token = secrets.token_urlsafe(24)
@@ -154,14 +138,20 @@ class Stack:
         self.close()
 
     def close(self) -> None:
-        """Stop every process this stack started, newest first; remove the folder."""
+        """Stop every process this stack started, newest first, the servers last; remove the
+        folder."""
         self.stop(list(reversed(self._procs)))
+        for server in reversed(self._servers):
+            server.close()
         if not self._keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
     def processes(self) -> list[dict[str, object]]:
         """Every process started so far (running or not), for the record."""
-        return [{"pid": p.pid, "name": p.name, "argv": p.argv} for p in self._procs]
+        return [
+            *self._server_records,
+            *({"pid": p.pid, "name": p.name, "argv": p.argv} for p in self._procs),
+        ]
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -186,7 +176,7 @@ class Stack:
                 # Its own session: a Ctrl-C in the terminal reaches only us, and we stop the
                 # children in order.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no Python state
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no Python state
             )
         proc = Proc(name, popen, log_path, list(argv))
         self._procs.append(proc)
@@ -228,60 +218,34 @@ class Stack:
     # -- servers -----------------------------------------------------------------------------
 
     def _start_redis(self) -> None:
-        port = free_port()
-        data = self.root / "redis"
-        data.mkdir()
-        argv = [
-            find_binary("redis-server"),
-            "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
-            "--appendonly", "yes", "--appendfsync", self._appendfsync,
-            "--maxmemory-policy", "noeviction", "--save", "", "--protected-mode", "yes",
-        ]  # fmt: skip
-        proc = self.spawn("redis", argv)
-        self.wait_until("Redis", lambda: _tcp_ping(port, b"PING\r\n", b"+PONG"), [proc], 30)
-        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        server = RedisServer(
+            self.root,
+            appendfsync=self._appendfsync,
+            log_path=self.logs / "redis.log",
+            die_with_parent=True,
+        )
+        self._start_server(server)
+        self.redis_url = server.url
 
     def _start_mysql(self) -> None:
-        port = free_port()
-        data = self.root / "mysql"
-        sock = self.root / "mysql.sock"
-        user = getpass.getuser()
-        # A private temporary folder: two bootstraps sharing /tmp can collide on table names.
-        tmp = self.root / "mysql-tmp"
-        tmp.mkdir()
-        install = subprocess.run(
-            [
-                find_binary("mariadb-install-db", "mysql_install_db"),
-                "--no-defaults", f"--user={user}", f"--datadir={data}",
-                "--auth-root-authentication-method=socket", "--skip-test-db",
-            ],
-            capture_output=True,
-            check=False,
-            timeout=120,
-            env=dict(os.environ, TMPDIR=str(tmp)),
-        )  # fmt: skip
-        if install.returncode != 0:
-            raise StackError(f"mariadb-install-db failed: {install.stderr.decode()[-2000:]}")
-        argv = [
-            find_binary("mariadbd", "mysqld"),
-            "--no-defaults", f"--datadir={data}", f"--port={port}", "--bind-address=127.0.0.1",
-            f"--socket={sock}", f"--pid-file={self.root / 'mysql.pid'}", f"--user={user}",
-            f"--tmpdir={tmp}",
-            "--skip-name-resolve", "--innodb-flush-log-at-trx-commit=1",
-            "--innodb-buffer-pool-size=256M", "--max-connections=500",
-            f"--log-error={self.logs / 'mariadb.err'}",
-        ]  # fmt: skip
-        proc = self.spawn("mariadb", argv)
-        self.wait_until("MariaDB", lambda: _socket_login(sock, user), [proc], 60)
+        server = MariaDBServer(
+            self.root,
+            log_path=self.logs / "mariadb.log",
+            buffer_pool="256M",
+            log_file_size=None,
+            max_connections=500,
+            die_with_parent=True,
+        )
+        self._start_server(server)
         password = secrets.token_urlsafe(18)
-        conn = pymysql.connect(unix_socket=str(sock), user=user)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("CREATE USER 'coupon'@'127.0.0.1' IDENTIFIED BY %s", (password,))
-                cur.execute("GRANT ALL PRIVILEGES ON `coupon`.* TO 'coupon'@'127.0.0.1'")
-        finally:
-            conn.close()
-        self.mysql_url = f"mysql://coupon:{password}@127.0.0.1:{port}/coupon"
+        server.create_service_user(password=password, databases="coupon")
+        self.mysql_url = server.url("coupon", password=password)
+
+    def _start_server(self, server: Server) -> None:
+        self._servers.append(server)
+        server.start()
+        self._server_records.append({"pid": server.pid, "name": server.name,
+                                     "argv": server.command})  # fmt: skip
 
     # -- the service -------------------------------------------------------------------------
 
@@ -297,11 +261,7 @@ class Stack:
 
     def env(self, settings: Settings, **extra: str) -> dict[str, str]:
         """A child environment: ours without any COUPON_*, plus ``settings`` and ``extra``."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("COUPON_")}
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        env.update(settings.to_env())
-        env.update(extra)
-        return env
+        return child_env(settings, **extra)
 
     def start_gateway(
         self,
@@ -347,32 +307,6 @@ class Stack:
             self.wait_until(f"worker {i}", lambda url=url: http_ok(url), [proc], 60)
             procs.append(proc)
         return procs
-
-
-def _tcp_ping(port: int, send: bytes, expect: bytes) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(send)
-            return sock.recv(64).startswith(expect)
-    except OSError:
-        return False
-
-
-def _socket_login(sock: Path, user: str) -> bool:
-    try:
-        pymysql.connect(unix_socket=str(sock), user=user, connect_timeout=1).close()
-    except pymysql.err.MySQLError:
-        return False
-    return True
-
-
-def http_ok(url: str) -> bool:
-    """GET answers 200."""
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our loopback
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """``./scripts/loadtest``: a coupon drop under locust, then the proof that every number is right.
 
-Starts a private stack (:mod:`bench.stack`: Redis, MariaDB, N gateway processes, M workers, on
+Starts a private stack (:mod:`tests.bench.stack`: Redis, MariaDB, N gateway processes, M workers, on
 free ports under a temporary folder), creates the coupon, runs ``deploy/locust/locustfile.py``
 headless while printing progress from the gateway's own ``/metrics`` and from MySQL, waits for
 the workers to drain, then checks the invariants against MySQL with the list of users each
@@ -29,12 +29,14 @@ import aiohttp
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import checks, scrape, time_to_issue
-from bench.run import machine
-from bench.stack import PYTHON, REPO, Stack, stack
 from shared.metrics import ISSUE_OUTCOMES
 from shared.mysql.pool import create_pool
 from shared.redis import client as redis_client
+from tests.bench import checks, scrape, time_to_issue
+from tests.bench.run import machine
+from tests.bench.stack import PYTHON, Stack, stack
+from tests.helpers import row_count
+from tests.servers import REPO
 
 LOCUSTFILE = REPO / "deploy" / "locust" / "locustfile.py"
 
@@ -384,7 +386,7 @@ async def _progress(
         total = sum(counts.values())
         rate = (total - previous_total) / max(now - previous_at, 1e-6)
         previous_total, previous_at = total, now
-        issued = await checks.row_count(pool, coupon_id)
+        issued = await row_count(pool, coupon_id)
         waiting = await checks.backlog(redis, coupon_id)
         shown = "  ".join(f"{k} {v:,}" for k, v in counts.items() if v)
         log(

@@ -1,7 +1,7 @@
 """The benchmarks' yardstick: a bare aiohttp JSON endpoint on uvloop, nothing else.
 
 ``POST /issue`` parses a JSON body and answers a small JSON object, the least any issue route
-must do. ``python -m bench.bare_app PORT [BACKLOG] [--uvloop-accept]``: it listens with the
+must do. ``python -m tests.bench.bare_app PORT [BACKLOG] [--uvloop-accept]``: it listens with the
 gateway's default backlog (4096) unless told otherwise, and with ``SO_REUSEPORT``, so the
 burst benchmark can start several copies on one port as it does gateway processes.
 

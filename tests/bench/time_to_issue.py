@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import aiomysql
 
-from bench import scrape
+from tests.bench import scrape
 
 METRIC = "coupon_worker_time_to_issue_seconds"
 

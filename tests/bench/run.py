@@ -1,18 +1,18 @@
 """``./scripts/bench``: the speed claims, measured side by side in one run on one machine.
 
 HTTP scenarios run under ``wrk`` (one thread, the same connections and duration for each, user
-ids drawn at random by ``bench/lua/issue.lua``) against servers that all run at once, each in
-one process; every round runs every scenario once. A ratio is the median, over the rounds, of
-the scenario's rate divided by the bare aiohttp endpoint's rate in the same round, so it holds
-across machines and shrugs off a round spoiled by another process; the absolute rates shown are
-each scenario's best round and hold only for this machine.
+ids drawn at random by ``tests/bench/wrk/post_issue.lua``) against servers that all run at
+once, each in one process; every round runs every scenario once. A ratio is the median, over
+the rounds, of the scenario's rate divided by the bare aiohttp endpoint's rate in the same
+round, so it holds across machines and shrugs off a round spoiled by another process; the
+absolute rates shown are each scenario's best round and hold only for this machine.
 
 Then the worker's drain rate is compared with raw 500-row INSERT statements into the same table,
 and with a one-row-per-transaction consumer. Then an end-to-end drop: N coupons to M users
 through real gateways and workers, with the invariants checked. Last, the drop moment
-(:mod:`bench.burst`): thousands of connections opened at once, beside the bare endpoint.
+(:mod:`tests.bench.burst`): thousands of connections opened at once, beside the bare endpoint.
 
-Everything runs on a private stack (:mod:`bench.stack`) that is stopped at the end, whatever
+Everything runs on a private stack (:mod:`tests.bench.stack`) that is stopped at the end, whatever
 happens. ``--quick`` makes every part tiny (CI's smoke run).
 """
 
@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -39,10 +38,6 @@ import aiomysql
 import uvloop
 from redis.asyncio import Redis
 
-from bench import burst, checks, time_to_issue
-from bench import profile as bench_profile
-from bench.client import fire
-from bench.stack import PYTHON, REPO, Service, Stack, find_binary, free_port, http_ok, stack
 from shared import keys
 from shared import logging as shared_logging
 from shared.coupon_requests import NewCoupon
@@ -53,9 +48,16 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.redis.scripts import Scripts
 from stream_worker.worker import Worker
+from tests.bench import burst, checks, time_to_issue
+from tests.bench import profile as bench_profile
+from tests.bench.client import fire
+from tests.bench.stack import Stack, stack
+from tests.bench.wrk import WRK_SCRIPT, wrk_json
+from tests.helpers import row_count
+from tests.servers import REPO, find_binary
 
-LUA = REPO / "bench" / "lua" / "issue.lua"
-DEFAULT_OUTPUT = REPO / "bench" / "results.json"
+# Under reports/, which git ignores, beside the load test's reports.
+DEFAULT_OUTPUT = REPO / "reports" / "bench-results.json"
 
 GOALS = {
     "accept_vs_bare": 0.75,
@@ -65,7 +67,7 @@ GOALS = {
 DRAIN_STRETCH_GOAL = 0.7
 # How long a winner of the end-to-end drop waits for the row, p99 from the rows, at most.
 TIME_TO_ISSUE_P99_GOAL_S = 1.0
-# The 5,000-connection burst, one gateway process, on each route (bench/burst.py).
+# The 5,000-connection burst, one gateway process, on each route (tests/bench/burst.py).
 BURST_GOALS = {
     "failed_pct": 0.077,  # the original system's figure, at most
     "rps_vs_bare": 0.75,  # at least
@@ -164,13 +166,13 @@ def log(message: str) -> None:
 # -- wrk ---------------------------------------------------------------------------------------
 
 
-def run_wrk(  # noqa: PLR0917 - bench/ratelimit_cost.py calls it positionally
+def run_wrk(
     running: Stack, base_url: str, path: str, body: str, duration: float, connections: int
 ) -> WrkResult:
     """One wrk run (a child of the stack, so an interrupt stops it too)."""
     argv = [
         find_binary("wrk"), "-t1", f"-c{connections}", f"-d{max(round(duration), 1)}s",
-        "--timeout", "5s", "-s", str(LUA), base_url,
+        "--timeout", "5s", "-s", str(WRK_SCRIPT), base_url,
     ]  # fmt: skip
     env = dict(os.environ, BENCH_PATH=path, BENCH_BODY=body)
     proc = running.spawn(f"wrk-{time.monotonic_ns()}", argv, env=env)
@@ -178,8 +180,8 @@ def run_wrk(  # noqa: PLR0917 - bench/ratelimit_cost.py calls it positionally
     output = proc.log_path.read_text()
     if proc.popen.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.popen.returncode}): {output[-1000:]}")
-    statuses = json.loads(_line(output, "BENCH_STATUS"))
-    summary = json.loads(_line(output, "BENCH_SUMMARY"))
+    statuses = wrk_json(output, "BENCH_STATUS")
+    summary = wrk_json(output, "BENCH_SUMMARY")
     seconds = summary["duration_us"] / 1e6
     errors = sum(summary[k] for k in ("errors_connect", "errors_read", "errors_write"))
     return WrkResult(
@@ -191,13 +193,6 @@ def run_wrk(  # noqa: PLR0917 - bench/ratelimit_cost.py calls it positionally
         socket_errors=errors + int(summary["errors_timeout"]),
         seconds=seconds,
     )
-
-
-def _line(output: str, tag: str) -> str:
-    match = re.search(rf"^{tag} (.*)$", output, flags=re.M)
-    if match is None:
-        raise RuntimeError(f"wrk printed no {tag} line:\n{output[-1000:]}")
-    return match.group(1)
 
 
 async def evalsha_calls(redis: Redis) -> int:
@@ -212,7 +207,7 @@ async def evalsha_calls(redis: Redis) -> int:
 
 async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     log("starting the bare endpoint, the gateway and the naive gateway (one process each)")
-    bare = start_bare(running)
+    bare = burst.start_bare(running, 1)
     # No worker runs in this phase (it would compete for the CPU), so the backlog only grows:
     # load shedding, which refuses a coupon whose backlog is too long or too old, is off here.
     gateway = running.start_gateway(name="gateway", shed_max_lag=0, shed_max_age_seconds=0.0)
@@ -221,7 +216,7 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
         name="quiet", log_level="warning", shed_max_lag=0, shed_max_age_seconds=0.0
     )
     naive = running.start_gateway(
-        module="bench.naive_app", name="naive", shed_max_lag=0, shed_max_age_seconds=0.0
+        module="tests.bench.naive_app", name="naive", shed_max_lag=0, shed_max_age_seconds=0.0
     )
     services = {"bare": bare, "gateway": gateway, "naive": naive, "quiet": quiet}
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
@@ -310,14 +305,6 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
         },
         "redis_aof": str(stats.get("aof_enabled")) == "1",
     }
-
-
-def start_bare(running: Stack) -> Service:
-    port = free_port()
-    proc = running.spawn(f"bare-{port}", [PYTHON, "-m", "bench.bare_app", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    running.wait_until("bare app", lambda: http_ok(f"{url}/readyz"), [proc], 30)
-    return Service(url, port, [proc])
 
 
 def _expected_only(scenario: HttpScenario, result: WrkResult) -> WrkResult:
@@ -513,7 +500,7 @@ async def _scaling_cell(
     workers = running.start_workers(worker_count)
     try:
         deadline = time.monotonic() + 300
-        while await checks.row_count(pool) < rows:
+        while await row_count(pool) < rows:
             if time.monotonic() > deadline or not all(w.alive() for w in workers):
                 raise RuntimeError(f"scaling: {worker_count} workers did not drain {rows:,} rows")
             await asyncio.sleep(0.05)
@@ -585,13 +572,13 @@ async def e2e_phase(running: Stack, profile: Profile) -> dict[str, Any]:
             )
         await checks.wait_until(opens_at)
         user_ids = list(range(1, users + 1))
-        random.Random(7).shuffle(user_ids)  # noqa: S311 - an arrival order, not a secret
+        random.Random(7).shuffle(user_ids)
         issued_at: list[float] = []
         started = time.perf_counter()
 
         async def watch_rows() -> None:
             # MySQL cannot notify us; polling every 50 ms bounds the error of the measure.
-            while await checks.row_count(pool, coupon_id) < stock:  # noqa: ASYNC110
+            while await row_count(pool, coupon_id) < stock:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
             issued_at.append(time.perf_counter() - started)
 

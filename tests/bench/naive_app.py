@@ -3,7 +3,7 @@
 Everything else is the real gateway (snapshot cache, validation, problem rendering, logging);
 only the reservation differs, so the ratio against the real gateway is what coalescing buys.
 (``COUPON_COALESCE_MAX_BATCH=1`` is not this: it serialises the calls of one coupon, one in
-flight at a time, which is slower than the naive design.) ``python -m bench.naive_app``.
+flight at a time, which is slower than the naive design.) ``python -m tests.bench.naive_app``.
 """
 
 from __future__ import annotations

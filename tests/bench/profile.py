@@ -19,8 +19,11 @@ from pathlib import Path
 
 import aiohttp
 
-from bench import checks
-from bench.stack import REPO, Stack, find_binary
+from tests.bench import checks
+from tests.bench.burst import start_bare
+from tests.bench.stack import Stack
+from tests.bench.wrk import WRK_SCRIPT
+from tests.servers import REPO, find_binary
 
 DEFAULT_FOLDER = REPO / "docs" / "flamegraphs"
 
@@ -43,11 +46,9 @@ async def profile(
     running: Stack, folder: Path, tag: str, seconds: int, connections: int
 ) -> dict[str, str]:
     """Record one flame graph per path; returns path name -> SVG file."""
-    from bench.run import start_bare  # noqa: PLC0415 - bench.run imports this module
-
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before any load
     gateway = running.start_gateway(name="profiled", shed_max_lag=0, shed_max_age_seconds=0.0)
-    bare = start_bare(running)
+    bare = start_bare(running, 1)
     written: dict[str, str] = {}
     async with aiohttp.ClientSession() as session:
         for name, total, (uid_min, uid_max) in (("bare", None, (1, 10**9)), *PATHS):
@@ -69,7 +70,7 @@ async def profile(
             svg = folder / f"{name}{'-' + tag if tag else ''}.svg"
             wrk = await asyncio.create_subprocess_exec(
                 find_binary("wrk"), "-t1", f"-c{connections}", f"-d{seconds + 2}s",
-                "-s", str(REPO / "bench" / "lua" / "issue.lua"), service.url,
+                "-s", str(WRK_SCRIPT), service.url,
                 env={
                     "BENCH_PATH": path,
                     "BENCH_BODY": '{"user_id":%d}',

@@ -1,8 +1,8 @@
 """The rate limiter's cost on the hot path, measured side by side in one run.
 
-``python -m bench.ratelimit_cost [--duration S] [--rounds N] [--quick]``
+``python -m tests.bench.ratelimit_cost [--duration S] [--rounds N] [--quick]``
 
-Three gateways (one process each) run at once on a private stack (:mod:`bench.stack`: its own
+Three gateways (one process each) run at once on a private stack (:mod:`tests.bench.stack`: its own
 Redis and MariaDB, stopped at the end whatever happens) and take the same ``wrk`` load on the
 native issue route of an unlimited coupon, every request a new random user:
 
@@ -36,9 +36,9 @@ from typing import Any
 import aiohttp
 import jwt
 
-from bench.run import WrkResult, run_wrk
-from bench.stack import Service, Stack, stack
 from gateway.ratelimit import RateLimiter
+from tests.bench.run import WrkResult, run_wrk
+from tests.bench.stack import Service, Stack, stack
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "off": {},
@@ -169,7 +169,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="bench.ratelimit_cost", description=__doc__.split("\n")[0]
+        prog="tests.bench.ratelimit_cost", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--duration", type=int, default=8, help="seconds per wrk measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; best counts")

@@ -19,9 +19,7 @@ nowhere (its timeout check does not fire before the end), so it is counted as fa
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import resource
 import statistics
 import threading
@@ -34,12 +32,13 @@ import aiohttp
 import aiomysql
 from redis.asyncio import Redis
 
-from bench import checks
-from bench.stack import PYTHON, REPO, Proc, Service, Stack, find_binary, free_port, http_ok
 from shared.mysql.pool import create_pool
 from shared.redis import client as redis_client
+from tests.bench import checks
+from tests.bench.stack import PYTHON, Proc, Service, Stack
+from tests.bench.wrk import WRK_SCRIPT, wrk_json
+from tests.servers import find_binary, free_port, http_ok
 
-LUA = REPO / "bench" / "lua" / "issue.lua"
 NETSTAT = Path("/proc/net/netstat")
 
 ROUTES = {
@@ -142,7 +141,7 @@ def start_bare(running: Stack, processes: int) -> Service:
     """``processes`` copies of the bare endpoint on one port (``SO_REUSEPORT``)."""
     port = free_port()
     procs = [
-        running.spawn(f"bare-{port}-{i}", [PYTHON, "-m", "bench.bare_app", str(port)])
+        running.spawn(f"bare-{port}-{i}", [PYTHON, "-m", "tests.bench.bare_app", str(port)])
         for i in range(processes)
     ]
     url = f"http://127.0.0.1:{port}"
@@ -153,7 +152,7 @@ def start_bare(running: Stack, processes: int) -> Service:
 @dataclass(frozen=True)
 class Measured:
     summary: dict[str, Any]
-    """wrk's own numbers (bench/lua/issue.lua prints them)."""
+    """wrk's own numbers (tests/bench/wrk/post_issue.lua prints them)."""
     statuses: dict[str, int]
     overflows: int
     accept_queue_max: int
@@ -164,7 +163,7 @@ def wrk_burst(running: Stack, url: str, path: str, body: str, profile: BurstProf
     """One burst, with the kernel's view of the server's listen queue during it."""
     argv = [
         find_binary("wrk"), "-t1", f"-c{profile.connections}", f"-d{profile.seconds}s",
-        "--timeout", f"{profile.timeout_seconds}s", "-s", str(LUA), url,
+        "--timeout", f"{profile.timeout_seconds}s", "-s", str(WRK_SCRIPT), url,
     ]  # fmt: skip
     env = dict(os.environ, BENCH_PATH=path, BENCH_BODY=body, BENCH_UID_MAX="10000000")
     before = listen_overflows()
@@ -175,21 +174,14 @@ def wrk_burst(running: Stack, url: str, path: str, body: str, profile: BurstProf
     output = proc.log_path.read_text()
     if proc.popen.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.popen.returncode}): {output[-1000:]}")
-    statuses = json.loads(_line(output, "BENCH_STATUS"))
+    statuses = wrk_json(output, "BENCH_STATUS")
     return Measured(
-        summary=json.loads(_line(output, "BENCH_SUMMARY")),
+        summary=wrk_json(output, "BENCH_SUMMARY"),
         statuses={str(k): int(v) for k, v in statuses.items()},
         overflows=overflows,
         accept_queue_max=max(queue.samples),
         never_accepted=queue.samples[-1],
     )
-
-
-def _line(output: str, tag: str) -> str:
-    match = re.search(rf"^{tag} (.*)$", output, flags=re.M)
-    if match is None:
-        raise RuntimeError(f"wrk printed no {tag} line:\n{output[-1000:]}")
-    return match.group(1)
 
 
 def _run(target: str, route: str, processes: int, measured: Measured) -> BurstRun:
