@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,9 +29,10 @@ from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests.helpers import drain, issue, wait_for
 from tests.invariants import Checker
+from tests.servers import find_binary
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+REDIS_SERVER = find_binary("redis-server")
+REDIS_CLI = find_binary("redis-cli")
 
 
 @pytest.fixture(scope="module")

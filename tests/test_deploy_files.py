@@ -18,8 +18,6 @@ import json
 import os
 import re
 import secrets
-import shutil
-import socket
 import subprocess
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
@@ -39,6 +37,7 @@ from shared.mysql.migrations import migrate
 from shared.ops import cli
 from shared.settings import ENVIRONMENT, MySQLDsn, Settings
 from tests.helpers import REPO
+from tests.servers import find_binary, free_port
 
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -200,13 +199,6 @@ def image_is_pinned(image: str) -> bool:
 def _command(service: Mapping[str, Any]) -> list[str]:
     command = service.get("command", [])
     return command.split() if isinstance(command, str) else [str(part) for part in command]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,8 +730,7 @@ def _redis_command_for_this_machine(tmp_path: Path, port: int) -> list[str]:
         source, target, *_ = str(volume).split(":")
         mounts[target] = source
     command = [str(COMPOSE.parent / mounts[arg]) if arg in mounts else arg for arg in command]
-    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
-    assert binary, "redis-server is not installed"
+    binary = find_binary("redis-server")
     assert command[0] == "redis-server", command
     assert Path(command[1]) == REDIS_CONF, command
     return [
@@ -755,7 +746,7 @@ def _redis_command_for_this_machine(tmp_path: Path, port: int) -> list[str]:
 
 
 def test_redis_conf_loads_in_redis_server_with_durable_settings(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     executor = TCPExecutor(
         _redis_command_for_this_machine(tmp_path, port), host="127.0.0.1", port=port, timeout=30
     )

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -37,6 +35,7 @@ from shared.settings import Settings
 from tests.conftest import CouponFactory
 from tests.helpers import ADMIN, assert_problem, drain, issue, row_count, wait_for
 from tests.invariants import Checker
+from tests.servers import find_binary, free_port
 
 Client = TestClient[Any, Any]
 
@@ -517,19 +516,11 @@ async def test_requests_queued_behind_the_call_that_sells_out_get_sold_out_witho
 # 7. Redis down
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[TCPExecutor]:
     """A redis-server of this test's own, free to be stopped or frozen."""
-    binary = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/usr/bin")
-    assert binary, "redis-server is not installed"
-    port = _free_port()
+    binary = find_binary("redis-server")
+    port = free_port()
     executor = TCPExecutor(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(tmp_path)],
