@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
-import sys
+import signal
 from pathlib import Path
 
 import structlog
 
-from gateway import listener, processes
+from gateway import listener
 from gateway.app import create_app
 from shared import metrics
 from shared.settings import ConfigError, redact_url
@@ -18,9 +19,20 @@ from shared.startup import exit_on_config_error, settings_or_exit
 def main() -> None:
     settings = settings_or_exit("coupon-gateway")
     log = structlog.get_logger("gateway")
-    one_of_many = processes.CHILD_FLAG in sys.argv[1:]
-    if settings.gateway_processes > 1 and not one_of_many:
-        raise SystemExit(processes.Supervisor(settings).run())
+    # One of several processes on this port, started by a supervisor (supervisord: see
+    # deploy/supervisord/gateway.conf): share the port, and the metrics through their folder.
+    one_of_many = settings.gateway_processes > 1
+    if one_of_many and metrics.multiprocess_dir() is None:
+        exit_on_config_error(
+            "coupon-gateway",
+            ConfigError(
+                "COUPON_GATEWAY_PROCESSES > 1 needs PROMETHEUS_MULTIPROC_DIR, a folder the"
+                " processes share, or /metrics would show one process's share"
+            ),
+        )
+    if one_of_many:
+        _end_with_the_supervisor()
+    metrics.forget_dead_processes()
     if settings.admin_token is None:
         log.warning("admin_api_disabled", reason="COUPON_ADMIN_TOKEN is not set")
     if settings.auth == "none":
@@ -60,6 +72,22 @@ def main() -> None:
         raise SystemExit(1) from None
     finally:
         metrics.mark_process_dead(os.getpid())
+
+
+# prctl(2): the signal a process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_the_supervisor() -> None:
+    """One of several processes on a port stops (SIGTERM: it drains first) when the supervisor
+    that started it is gone, even killed outright: an orphan would keep serving on the shared
+    port beside the processes of the next supervisor, on old settings. Linux only; elsewhere
+    the supervisor's own stop is all there is."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
 
 
 SOMAXCONN = Path("/proc/sys/net/core/somaxconn")

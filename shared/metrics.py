@@ -5,16 +5,17 @@ the per-coupon stream gauges, from at most :data:`MAX_COUPON_SERIES` coupons, so
 series stays bounded whatever the traffic.
 
 Several gateway processes share one port (``reuse_port``); a scrape lands on any one of them.
-With ``PROMETHEUS_MULTIPROC_DIR`` set (``scripts/run`` sets it, emptied at every start, when
-it runs more than one gateway process), every process writes its values to memory-mapped files
-in that folder and :func:`exposition` sums them, so any scrape reports the totals of all
-processes. The variable must be in the
-environment before this module is first imported: prometheus_client picks its value store then.
+With ``PROMETHEUS_MULTIPROC_DIR`` set (whoever starts the processes sets it and empties it at
+every start: ``scripts/run``, the container's supervisord), every process writes its values to
+memory-mapped files in that folder and :func:`exposition` sums them, so any scrape reports the
+totals of all processes. The variable must be in the environment before this module is first
+imported: prometheus_client picks its value store then.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -189,3 +190,31 @@ def mark_process_dead(pid: int) -> None:
     """Drop a finished process's live gauges (its counters stay in the totals)."""
     if multiprocess_dir() is not None:
         _multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+def forget_dead_processes() -> list[int]:
+    """Drop the live gauges of every process that left files in the shared folder and no longer
+    runs: a sibling killed outright (SIGKILL, out of memory) had no chance to drop its own, and
+    the supervisor that restarts it does not know about metrics. Returns those pids."""
+    folder = multiprocess_dir()
+    if folder is None:
+        return []
+    pids = set()
+    for path in Path(folder).glob("*_*.db"):
+        suffix = path.stem.rpartition("_")[2]  # counter_1234.db, gauge_livesum_1234.db
+        if suffix.isdigit():
+            pids.add(int(suffix))
+    dead = sorted(pid for pid in pids if not _running(pid))
+    for pid in dead:
+        mark_process_dead(pid)
+    return dead
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True

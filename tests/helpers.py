@@ -22,6 +22,9 @@ from stream_worker.worker import Worker
 from tests.servers import REPO, free_port, http_ok
 
 ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
+# Several gateway processes run the way the image runs them: supervisord with this file.
+SUPERVISED_GATEWAYS = REPO / "deploy" / "supervisord" / "gateway.conf"
+VENV_BIN = Path(sys.executable).parent
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
 
 
@@ -86,15 +89,31 @@ async def couponctl(
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment for a child process configured by ``settings`` alone."""
+    """The environment for a child process configured by ``settings`` alone; this virtualenv's
+    commands first on the PATH (supervisord starts ``coupon-gateway`` by name)."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("COUPON_") and k != "PROMETHEUS_MULTIPROC_DIR"
     }
+    env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", os.defpath)])
     env.update(settings.to_env())
     env.update(extra)
     return env
+
+
+def gateway_command(processes: int, pidfile: Path) -> list[str]:
+    """How to start ``processes`` gateway processes on one port: ``python -m gateway`` for one,
+    supervisord with the shipped configuration for more (writing its pid to ``pidfile``).
+    The environment must hold COUPON_GATEWAY_PROCESSES and, for more than one,
+    PROMETHEUS_MULTIPROC_DIR."""
+    if processes == 1:
+        return [sys.executable, "-m", "gateway"]
+    return [
+        str(VENV_BIN / "supervisord"),
+        "--configuration", str(SUPERVISED_GATEWAYS),
+        "--pidfile", str(pidfile),
+    ]  # fmt: skip
 
 
 async def assert_problem(response: Any, status: int, code: str | None = None) -> dict[str, Any]:

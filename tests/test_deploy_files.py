@@ -45,6 +45,9 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 K8S = DEPLOY / "k8s"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 SERVICE_USER_SCRIPT = DEPLOY / "mysql" / "initdb.d" / "10-service-user.sh"
+# Several gateway processes in one container: supervisord with this file, copied into the image.
+SUPERVISED_GATEWAYS = DEPLOY / "supervisord" / "gateway.conf"
+SUPERVISED_GATEWAYS_IN_IMAGE = "/opt/coupon-drop/supervisord/gateway.conf"
 
 # Our own image: every service that runs it must run a command of this package.
 OWN_IMAGE = "coupon-drop"
@@ -229,7 +232,15 @@ def test_compose_files_define_each_service_once_and_include_existing_files() -> 
 
 def _check_own_command(where: str, argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """``argv`` runs a console script or ``python -m`` module of this package, with arguments it
-    accepts."""
+    accepts, or supervisord with the image's gateway file, whose program is one of those."""
+    if argv[:1] == ["supervisord"]:
+        assert argv[1:] == ["-c", SUPERVISED_GATEWAYS_IN_IMAGE], f"{where}: {argv}"
+        copied = DockerfileParser(path=str(DOCKERFILE)).content
+        assert f"COPY deploy/supervisord/gateway.conf {SUPERVISED_GATEWAYS_IN_IMAGE}" in copied
+        program = _supervised_program()
+        assert program["numprocs"] == "%(ENV_COUPON_GATEWAY_PROCESSES)s", program["numprocs"]
+        _check_own_command(f"{where} (supervised)", program["command"].split(), capsys)
+        return
     assert argv, f"{where}: no command; the image's default would be implied"
     scripts = console_scripts()
     if argv[0] in ("python", "python3") and argv[1:2] == ["-m"]:
@@ -255,6 +266,24 @@ def _check_own_command(where: str, argv: list[str], capsys: pytest.CaptureFixtur
     else:
         # The gateway and the worker take every setting from the environment.
         assert args == [], f"{where}: {argv[0]} takes no arguments, got {args}"
+
+
+def _supervised_program() -> configparser.SectionProxy:
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(SUPERVISED_GATEWAYS, encoding="utf-8")
+    return config["program:gateway"]
+
+
+def test_supervised_gateways_restart_the_dead_stop_gracefully_and_keep_the_output() -> None:
+    """What the shipped file promises (its behaviour is tested in test_gateway_processes.py)."""
+    program = _supervised_program()
+    assert program["autorestart"] == "unexpected"
+    assert program["exitcodes"] == "0"
+    assert program["stopsignal"] == "TERM"
+    # Room for the shutdown grace period of every process, and then some.
+    assert int(program["stopwaitsecs"]) > Settings().shutdown_grace_seconds
+    assert program["stdout_logfile"] == "/dev/stdout"
+    assert program["stdout_logfile_maxbytes"] == "0"
 
 
 def test_compose_services_of_our_image_run_commands_of_the_package(

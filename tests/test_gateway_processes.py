@@ -1,20 +1,21 @@
-"""``COUPON_GATEWAY_PROCESSES=N``: one command, N processes on one port. A process that dies is
-replaced; SIGTERM lets every process finish the requests in hand and exit 0, and no 202 given
-before or during the shutdown is lost."""
+"""``COUPON_GATEWAY_PROCESSES=N`` under supervisord with the shipped configuration
+(deploy/supervisord/gateway.conf, as the image runs it): N processes on one port. A process that
+dies is replaced, and its replacement drops the dead one's live gauges; SIGTERM lets every
+process finish the requests in hand and exit, and no 202 given before or during the shutdown is
+lost."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
 import orjson
 
 from shared import keys
-from tests.helpers import REPO, child_env, drain, free_port, wait_for
+from tests.helpers import REPO, child_env, drain, free_port, gateway_command, wait_for
 
 
 def _pids(log: Path) -> set[int]:
@@ -41,14 +42,17 @@ async def test_dead_process_is_replaced_and_sigterm_drains_everything(
 ):
     coupon = await make_coupon(total=100_000)
     port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
     env = child_env(
-        settings.replace(http_port=port, gateway_processes=2, log_format="json", log_level="info")
+        settings.replace(http_port=port, gateway_processes=2, log_format="json", log_level="info"),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
     )
     log = tmp_path / "gateway.log"
     base = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         supervisor = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", cwd=REPO, env=env, stdout=out,
+            *gateway_command(2, tmp_path / "supervisord.pid"), cwd=REPO, env=env, stdout=out,
             stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
     accepted: set[int] = set()
@@ -82,6 +86,9 @@ async def test_dead_process_is_replaced_and_sigterm_drains_everything(
                 return len(_pids(log) - {victim}) == 2
 
             await wait_for(replaced, within=30, interval=0.05)
+            # The replacement forgot the victim's live gauges (its counters stay in the totals).
+            assert not list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
+            assert list(metrics_dir.glob(f"counter_{victim}.db"))
             # Shut down in the middle of a burst: requests in hand are answered.
             burst = [asyncio.create_task(ask(next(users))) for _ in range(300)]
             await asyncio.sleep(0)
@@ -92,6 +99,7 @@ async def test_dead_process_is_replaced_and_sigterm_drains_everything(
         if supervisor.returncode is None:
             supervisor.kill()
             await supervisor.wait()
+        _kill_leftovers(log)
     assert code == 0
     assert not [pid for pid in _pids(log) if _alive(pid)], "a gateway process outlived SIGTERM"
     # Every 202 is in the stream, and becomes a row.
@@ -99,3 +107,59 @@ async def test_dead_process_is_replaced_and_sigterm_drains_everything(
     assert accepted <= queued
     await drain(redis, pool, settings)
     await check_invariants(coupon, accepted=accepted)
+
+
+async def test_processes_stop_when_their_supervisor_is_killed(settings, tmp_path):
+    """An orphan would keep serving on the shared port beside the next supervisor's processes:
+    each gateway process asks the kernel for SIGTERM when its parent goes, and drains."""
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = child_env(
+        settings.replace(http_port=port, gateway_processes=2, log_format="json", log_level="info"),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        supervisor = await asyncio.create_subprocess_exec(
+            *gateway_command(2, tmp_path / "supervisord.pid"), cwd=REPO, env=env, stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    started: set[int] = set()
+    try:
+
+        async def both_started() -> bool:
+            started.update(_started(log))
+            return len(started) == 2
+
+        await wait_for(both_started, within=30, interval=0.05)
+        supervisor.kill()
+        await supervisor.wait()
+
+        async def all_gone() -> bool:
+            return not any(_alive(pid) for pid in started)
+
+        await wait_for(all_gone, within=30, interval=0.1)
+    finally:
+        if supervisor.returncode is None:
+            supervisor.kill()
+            await supervisor.wait()
+        _kill_leftovers(log)
+
+
+def _started(log: Path) -> set[int]:
+    """Pids of the processes that logged their start."""
+    pids = set()
+    for line in log.read_bytes().splitlines():
+        if line.startswith(b"{"):
+            record = orjson.loads(line)
+            if record.get("event") == "gateway_starting":
+                pids.add(int(record["pid"]))
+    return pids
+
+
+def _kill_leftovers(log: Path) -> None:
+    """Only after a failed test: never leave a gateway process behind."""
+    for pid in _started(log):
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)

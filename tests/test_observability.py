@@ -31,7 +31,16 @@ from shared.redis.scripts import IssueResult, Scripts
 from shared.settings import Settings
 from stream_worker.monitor import OTHER, StreamMonitor
 from tests.conftest import CouponFactory
-from tests.helpers import REPO, answers_ok, child_env, drain, free_port, issue, wait_for
+from tests.helpers import (
+    REPO,
+    answers_ok,
+    child_env,
+    drain,
+    free_port,
+    gateway_command,
+    issue,
+    wait_for,
+)
 from tests.invariants import Checker
 
 DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
@@ -114,9 +123,9 @@ async def test_two_gateway_processes_scrape_as_the_totals_clients_saw(
         request_log_sample=1.0,
     )
     env = child_env(gateway_settings, PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    log = tmp_path / "gateway.log"  # the supervisor and both processes write here
+    log = tmp_path / "gateway.log"  # supervisord passes both processes' output on here
     base = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "gateway"]
+    argv = gateway_command(2, tmp_path / "supervisord.pid")
     seen: Counter[str] = Counter()
     accepted: set[int] = set()
     refused: set[int] = set()

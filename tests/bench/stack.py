@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from shared.settings import Settings
-from tests.helpers import child_env
+from tests.helpers import child_env, gateway_command
 from tests.servers import (
     REPO,
     MariaDBServer,
@@ -272,8 +272,9 @@ class Stack:
         **changes: object,
     ) -> Service:
         """``processes`` gateway processes on one port, with a fresh multiprocess metrics
-        folder when there is more than one; waits for /readyz. ``python -m gateway`` runs the
-        processes itself (COUPON_GATEWAY_PROCESSES); another module is started that often."""
+        folder when there is more than one; waits for /readyz. The gateway runs as it ships
+        (several processes under supervisord with deploy/supervisord/gateway.conf); another
+        module (a bare app) is started that often with the same port."""
         port = free_port()
         settings = self.settings(http_port=port, gateway_processes=processes, **changes)
         extra = {}
@@ -282,11 +283,14 @@ class Stack:
             multiproc.mkdir()
             extra["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
         env = self.env(settings, **extra)
-        copies = 1 if module == "gateway" else processes
-        procs = [
-            self.spawn(f"{name}-{port}-{i}", [PYTHON, "-m", module], env=env)
-            for i in range(copies)
-        ]
+        if module == "gateway":
+            command = gateway_command(processes, self.root / f"{name}-{port}.pid")
+            procs = [self.spawn(f"{name}-{port}", command, env=env)]
+        else:
+            procs = [
+                self.spawn(f"{name}-{port}-{i}", [PYTHON, "-m", module], env=env)
+                for i in range(processes)
+            ]
         url = f"http://127.0.0.1:{port}"
         self.wait_until(name, lambda: http_ok(f"{url}/readyz"), procs, 60)
         return Service(url, port, procs)

@@ -12,6 +12,9 @@
 #   SERVICE_DB_USER       default coupon
 #   SERVICE_DB_NAME       default coupon (migrate creates it)
 #   SERVICE_DB_HOST       where the account may connect from; default % (anywhere)
+#   SERVICE_DB_SOCKET     the server's unix socket, when not the client's configured one
+#                         (./scripts/run's private server); the client's option files win over
+#                         its MYSQL_UNIX_PORT variable, an option does not
 #   MARIADB_ROOT_PASSWORD the administrator's password (the image's own variable); the mariadb
 #                         client's MYSQL_HOST / MYSQL_TCP_PORT / MYSQL_UNIX_PORT pick the server
 set -eu
@@ -42,5 +45,6 @@ sed -e "s|{{user}}|$(literal "$user")|g" \
     -e "s|{{password}}|$(literal "$password")|g" \
     -e "s|{{databases}}|$(literal "$database_pattern")|g" \
     "$template" \
-  | MYSQL_PWD="${MARIADB_ROOT_PASSWORD:-}" mariadb --user=root
+  | MYSQL_PWD="${MARIADB_ROOT_PASSWORD:-}" mariadb --user=root \
+      ${SERVICE_DB_SOCKET:+"--socket=$SERVICE_DB_SOCKET"}
 echo "10-service-user.sh: account '$user' may use database '$database' only"
