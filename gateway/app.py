@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from gateway import admin, appkeys, compat, openapi, routes
+from gateway import admin, appkeys, compat, health, openapi, routes
 from gateway.auth import Authenticator
 from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer
@@ -51,7 +51,11 @@ async def _mysql_ctx(app: web.Application) -> AsyncIterator[None]:
     if not await redis_state.state_present(app[appkeys.REDIS], lambda: any_coupon(pool)):
         # Keep serving: every coupon answers 503 until `couponctl rebuild` restores the state.
         log.error("redis_state_lost", action="run couponctl rebuild --all")
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(health.watch_mysql(pool, stop), name="mysql-watch")
     yield
+    stop.set()
+    await watcher
     pool.close()
     await pool.wait_closed()
 

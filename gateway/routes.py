@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from gateway import appkeys, auth
+from gateway import appkeys, auth, health
 from gateway.bodies import json_object
 from gateway.outcomes import counted
 from gateway.problems import json_response, sampled_log
@@ -104,20 +102,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Redis (with its state) and MySQL both answer; 503 otherwise."""
-    checks = {"redis": "ok", "mysql": "ok"}
-    redis = request.app[appkeys.REDIS]
-    try:
-        async with asyncio.timeout(1.0):
-            if not await redis.exists(keys.STATE_MARKER):
-                checks["redis"] = "state_lost"
-    except (RedisError, OSError, TimeoutError):
-        checks["redis"] = "unreachable"  # the exception's class is for the log, not the world
-    try:
-        async with asyncio.timeout(1.0):
-            async with request.app[appkeys.MYSQL].acquire() as conn:
-                await conn.ping(reconnect=True)
-    except Exception:  # any failure means "not ready"
-        checks["mysql"] = "unreachable"
-    ready = all(value == "ok" for value in checks.values())
-    return json_response({"ready": ready, **checks}, status=200 if ready else 503)
+    """Ready to accept: Redis (with its state) answers; MySQL's state is reported, not required
+    (see :mod:`gateway.health`)."""
+    ready, body = await health.readiness(request.app[appkeys.REDIS], request.app[appkeys.MYSQL])
+    return json_response(body, status=200 if ready else 503)

@@ -148,6 +148,12 @@ COUPON_REMAINING = Gauge(
     ["coupon"],
     multiprocess_mode="livemax",
 )
+GATEWAY_MYSQL_UP = Gauge(
+    "coupon_gateway_mysql_up",
+    "1 when the gateway's last MySQL check answered (the sync route and the admin API need"
+    " MySQL; acceptance does not).",
+    multiprocess_mode="livemin",
+)
 STREAM_MONITOR_UP = Gauge(
     "coupon_stream_monitor_up",
     "1 when the worker's last stream measurement succeeded.",

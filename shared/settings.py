@@ -177,6 +177,7 @@ class Settings:
     mysql_retry_max_seconds: float = 5.0
     shutdown_grace_seconds: float = 10.0
     worker_metrics_port: int = 0
+    worker_stuck_seconds: float = 60.0
 
     # Identity, admin listener and abuse limits (gateway)
     auth: str = "none"
@@ -238,6 +239,7 @@ class Settings:
             "COUPON_KEEPALIVE_TIMEOUT_SECONDS": (self.keepalive_timeout_seconds, False),
             "COUPON_BODY_READ_TIMEOUT_SECONDS": (self.body_read_timeout_seconds, False),
             "COUPON_JWT_MAX_LIFETIME_SECONDS": (self.jwt_max_lifetime_seconds, False),
+            "COUPON_WORKER_STUCK_SECONDS": (self.worker_stuck_seconds, False),
         }
         for name, (seconds, zero_ok) in durations.items():
             if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):

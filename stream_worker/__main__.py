@@ -12,7 +12,6 @@ import sys
 
 import structlog
 import uvloop
-from prometheus_client import start_http_server
 
 from shared import metrics
 from shared.mysql.pool import create_pool
@@ -20,6 +19,7 @@ from shared.redis import client as redis_client
 from shared.redis import state as redis_state
 from shared.settings import ConfigError, Settings
 from shared.startup import exit_on_config_error, settings_or_exit
+from stream_worker.health import HealthListener
 from stream_worker.monitor import StreamMonitor
 from stream_worker.worker import Worker
 
@@ -29,6 +29,29 @@ MONITOR_INTERVAL_SECONDS = 5.0
 
 async def serve(settings: Settings, *, burst: bool = False) -> None:
     log = structlog.get_logger("stream_worker")
+    listener = None
+    if settings.worker_metrics_port:
+        # First, so the port answers (healthz: starting) while the stores are being reached.
+        listener = HealthListener(
+            settings.http_host,
+            settings.worker_metrics_port,
+            stuck_after_seconds=settings.worker_stuck_seconds,
+        )
+        await listener.start()
+    try:
+        await _serve(settings, burst=burst, listener=listener, log=log)
+    finally:
+        if listener is not None:
+            await listener.stop()
+
+
+async def _serve(
+    settings: Settings,
+    *,
+    burst: bool,
+    listener: HealthListener | None,
+    log: structlog.typing.FilteringBoundLogger,
+) -> None:
     redis = redis_client.connect(
         settings.redis_url,
         socket_timeout=settings.redis_socket_timeout_worker,
@@ -40,6 +63,8 @@ async def serve(settings: Settings, *, burst: bool = False) -> None:
         log.warning("redis_durability_weak", detail=warning)
     pool = await create_pool(settings.mysql, minsize=1, maxsize=2)
     worker = Worker(redis, pool, settings)
+    if listener is not None:
+        listener.attach(worker.seconds_since_turn, redis, pool)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
@@ -65,8 +90,6 @@ async def serve(settings: Settings, *, burst: bool = False) -> None:
 def main() -> None:
     settings = settings_or_exit("coupon-worker")
     metrics.init_worker_series()
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port, addr=settings.http_host)
     try:
         uvloop.run(serve(settings, burst="--burst" in sys.argv[1:]))
     except ConfigError as exc:  # found at start-up, e.g. a Redis that may evict keys

@@ -51,10 +51,20 @@ class Worker:
         """The acknowledgement of the last committed batch."""
         self._gave_up = False
         """A batch was abandoned at shutdown (MySQL down): leave the rest pending."""
+        self._last_turn: float | None = None
+        """When the loop last made progress or retried (time.monotonic()), for liveness."""
 
     def stop(self) -> None:
         """Finish the entries in hand, then return from :meth:`run`."""
         self._stopping.set()
+
+    def seconds_since_turn(self) -> float | None:
+        """How long ago the loop last turned (a read, a commit attempt, a retry); None before
+        the first. A healthy worker turns at least every read block or retry pause."""
+        return None if self._last_turn is None else time.monotonic() - self._last_turn
+
+    def _turned(self) -> None:
+        self._last_turn = time.monotonic()
 
     async def run(self, *, burst: bool = False) -> None:
         """Process entries until :meth:`stop`; with ``burst``, until there is nothing left.
@@ -72,6 +82,7 @@ class Worker:
         await self._process_own_pending()
         try:
             while not self._stopping.is_set():
+                self._turned()
                 now = time.monotonic()
                 if now >= self._reader.next_discovery:
                     await self._reader.discover()
@@ -199,6 +210,7 @@ class Worker:
         """
         delay = 0.05
         while True:
+            self._turned()
             started = time.perf_counter()
             try:
                 result = await issue_store.write_batch(self._pool, entries)
@@ -328,6 +340,7 @@ class Worker:
         """
         delay = 0.05
         while True:
+            self._turned()
             try:
                 await action()
                 return

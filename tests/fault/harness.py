@@ -388,7 +388,14 @@ class Stack:
             )
         else:
             executor = SimpleExecutor(command, **common)
-        worker = WorkerProcess(name, executor, log_path, log, consumer=settings.worker_name)
+        worker = WorkerProcess(
+            name,
+            executor,
+            log_path,
+            log,
+            consumer=settings.worker_name,
+            url=f"http://{HOST}:{metrics_port}",
+        )
         self.services.append(worker)
         await worker.start()
         return worker
@@ -524,13 +531,22 @@ class Gateway(ServiceProcess):
 
 
 class WorkerProcess(ServiceProcess):
-    """A worker process and its consumer name in the ``issuers`` group."""
+    """A worker process, its consumer name in the ``issuers`` group, and the base URL of its
+    metrics and probes."""
 
     def __init__(
-        self, name: str, executor: SimpleExecutor, log_path: Path, log: IO[str], *, consumer: str
+        self,
+        name: str,
+        executor: SimpleExecutor,
+        log_path: Path,
+        log: IO[str],
+        *,
+        consumer: str,
+        url: str,
     ) -> None:
         super().__init__(name, executor, log_path, log)
         self.consumer = consumer
+        self.url = url
 
 
 async def make_stack(
