@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from gateway import appkeys
 from gateway.bodies import json_object
 from gateway.problems import json_response
-from shared.coupon_requests import CouponChange, NewCoupon
+from shared.coupon_requests import CouponChange, NewCoupon, idempotency_key
 from shared.errors import Unauthorized, Unavailable
 from shared.ids import MAX_ID, parse_decimal, parse_id
 from shared.ops import coupons
@@ -38,12 +38,20 @@ def require_admin(request: web.Request) -> None:
 
 @routes.post("/admin/coupons")
 async def create_coupon(request: web.Request) -> web.Response:
+    """Create a coupon. With an ``Idempotency-Key`` header, a retry with the same key and body
+    answers the first coupon again (``Idempotent-Replayed: true``) instead of making a second."""
     require_admin(request)
+    raw_key = request.headers.get("Idempotency-Key")
+    key = None if raw_key is None else idempotency_key(raw_key)
     new = NewCoupon.from_json(await json_object(request))
-    coupon = await coupons.create_coupon(
-        request.app[appkeys.MYSQL], request.app[appkeys.REDIS], new
-    )
-    return json_response(coupon.public(), status=201)
+    pool, redis = request.app[appkeys.MYSQL], request.app[appkeys.REDIS]
+    if key is None:
+        return json_response((await coupons.create_coupon(pool, redis, new)).public(), status=201)
+    coupon, replayed = await coupons.create_coupon_once(pool, redis, new, key)
+    response = json_response(coupon.public(), status=201)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
 
 
 @routes.get("/admin/coupons")

@@ -7,13 +7,16 @@ checks. Every failure raises :class:`~shared.errors.InvalidRequest` (a 400) with
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
+
 from shared.errors import InvalidRequest
 from shared.ids import MAX_INT32
-from shared.model import EARLIEST, LATEST, Coupon, check_window
+from shared.model import EARLIEST, LATEST, Coupon, check_window, iso
 
 # The longest title a coupon may have (characters); gateway/openapi.json says the same.
 TITLE_MAX_LENGTH = 255
@@ -89,6 +92,34 @@ class NewCoupon:
             date_issue_start=start,
             date_issue_end=end,
         )
+
+    def fingerprint(self) -> str:
+        """What identifies this request under an Idempotency-Key: the validated values (so
+        ``"+09:00"`` and the same instant in UTC, or a default left out and given, are one
+        request), hashed."""
+        values = {
+            "title": self.title,
+            "total_quantity": self.total_quantity,
+            "discount_amount": self.discount_amount,
+            "min_available_amount": self.min_available_amount,
+            "date_issue_start": iso(self.date_issue_start),
+            "date_issue_end": iso(self.date_issue_end),
+        }
+        return hashlib.sha256(orjson.dumps(values, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+IDEMPOTENCY_KEY_MAX_LENGTH = 255
+
+
+def idempotency_key(raw: str) -> str:
+    """An ``Idempotency-Key``: 1 to 255 visible ASCII characters (a UUID is the usual choice)."""
+    if not 1 <= len(raw) <= IDEMPOTENCY_KEY_MAX_LENGTH or not all(
+        "!" <= char <= "~" for char in raw
+    ):
+        raise InvalidRequest(
+            f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX_LENGTH} visible ASCII characters"
+        )
+    return raw
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,16 @@ class RedisStateLost(Unavailable):
     title = "Coupon state is being restored"
 
 
+class IdempotencyKeyReused(AppError):
+    """A coupon creation names an Idempotency-Key that an earlier creation used with another
+    body: replaying the first one's answer would hide the difference."""
+
+    status = 422
+    code = "IDEMPOTENCY_KEY_REUSED"
+    title = "The Idempotency-Key was used with another body"
+    outcome = "invalid"
+
+
 class Conflict(AppError):
     """An admin change that would break a promise already made (e.g. stock below the accepted)."""
 

@@ -8,30 +8,93 @@ that rebuild, reconcile and the counters take from MySQL.
 from __future__ import annotations
 
 import aiomysql
+import pymysql
 
 from shared.coupon_requests import NewCoupon
 from shared.model import COUPON_TYPE, Coupon, utc_naive
 from shared.mysql.pool import snapshot, transaction
 
+_DUPLICATE_KEY = 1062
+# How long a creation's Idempotency-Key is kept: far longer than any client retries.
+IDEMPOTENCY_KEY_HOURS = 24
+
 
 async def insert_coupon(pool: aiomysql.Pool, new: NewCoupon) -> int:
     """Insert a coupon row; returns its id."""
     async with transaction(pool) as cur:
+        return await _insert(cur, new)
+
+
+async def insert_coupon_once(
+    pool: aiomysql.Pool, new: NewCoupon, key: str
+) -> tuple[int, str | None]:
+    """Insert a coupon row under an Idempotency-Key, in one transaction with the key's row.
+
+    Returns ``(id, None)`` when this call made the coupon, or ``(id, request hash)`` of the
+    creation that already holds the key: one that committed earlier, or one running now (its
+    key row is locked, so this call waits for its commit and then finds it; this call's own
+    row is rolled back). Keys older than :data:`IDEMPOTENCY_KEY_HOURS` are deleted first.
+    """
+    # Its own transaction: the range it locks must not be held while the key is inserted,
+    # or two creations racing on one key would deadlock on each other's gap locks.
+    async with transaction(pool) as cur:
         await cur.execute(
-            "INSERT INTO coupons (title, coupon_type, total_quantity, discount_amount,"
-            " min_available_amount, date_issue_start, date_issue_end)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (
-                new.title,
-                COUPON_TYPE,
-                new.total_quantity,
-                new.discount_amount,
-                new.min_available_amount,
-                utc_naive(new.date_issue_start),
-                utc_naive(new.date_issue_end),
-            ),
+            "DELETE FROM coupon_create_keys WHERE date_created < NOW(6) - INTERVAL %s HOUR",
+            (IDEMPOTENCY_KEY_HOURS,),
         )
-        return int(cur.lastrowid)
+    for _ in range(3):  # a holder undone in between (Redis refused it) frees the key
+        try:
+            async with transaction(pool) as cur:
+                coupon_id = await _insert(cur, new)
+                await _claim_key(cur, key, new.fingerprint(), coupon_id)
+                return coupon_id, None
+        except _KeyTaken:
+            pass  # rolled back, this call's coupon row with it
+        async with snapshot(pool) as cur:
+            await cur.execute(
+                "SELECT coupon_id, request_hash FROM coupon_create_keys"
+                " WHERE idempotency_key = %s",
+                (key,),
+            )
+            row = await cur.fetchone()
+        if row is not None:
+            return int(row[0]), str(row[1])
+    raise RuntimeError(f"Idempotency-Key {key!r} kept changing hands")
+
+
+class _KeyTaken(Exception):
+    """Another creation holds the Idempotency-Key."""
+
+
+async def _claim_key(cur: aiomysql.Cursor, key: str, request_hash: str, coupon_id: int) -> None:
+    try:
+        await cur.execute(
+            "INSERT INTO coupon_create_keys (idempotency_key, request_hash, coupon_id)"
+            " VALUES (%s, %s, %s)",
+            (key, request_hash, coupon_id),
+        )
+    except pymysql.err.IntegrityError as exc:
+        if exc.args[0] == _DUPLICATE_KEY:
+            raise _KeyTaken from None
+        raise
+
+
+async def _insert(cur: aiomysql.Cursor, new: NewCoupon) -> int:
+    await cur.execute(
+        "INSERT INTO coupons (title, coupon_type, total_quantity, discount_amount,"
+        " min_available_amount, date_issue_start, date_issue_end)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            new.title,
+            COUPON_TYPE,
+            new.total_quantity,
+            new.discount_amount,
+            new.min_available_amount,
+            utc_naive(new.date_issue_start),
+            utc_naive(new.date_issue_end),
+        ),
+    )
+    return int(cur.lastrowid)
 
 
 async def delete_coupon(pool: aiomysql.Pool, coupon_id: int) -> None:

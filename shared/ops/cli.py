@@ -2,6 +2,7 @@
 
     couponctl db migrate
     couponctl coupon create --title T [--total N] [--start ISO] [--end ISO | --minutes N]
+                            [--idempotency-key KEY]
     couponctl coupon list [--after ID] [--limit N]
     couponctl coupon show ID
     couponctl coupon update ID [--title T] [--total N | --unlimited] [--start ISO] [--end ISO]
@@ -22,6 +23,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,7 +38,7 @@ from tqdm import tqdm
 
 from shared import keys
 from shared import logging as shared_logging
-from shared.coupon_requests import CouponChange, NewCoupon
+from shared.coupon_requests import CouponChange, NewCoupon, idempotency_key
 from shared.errors import AppError
 from shared.mysql import coupon_rows
 from shared.mysql.migrations import migrate
@@ -77,6 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--start", help="ISO-8601 with offset (default: now)")
     create.add_argument("--end", help="ISO-8601 with offset (default: start + --minutes)")
     create.add_argument("--minutes", type=float, default=60.0, help="window length if no --end")
+    create.add_argument(
+        "--idempotency-key",
+        help="repeat a create safely: the same key and options give the same coupon, never a"
+        " second (needs --start; default: a new key per run)",
+    )
     listing = coupon.add_parser("list", help="coupons in id order")
     listing.add_argument("--after", type=int, default=0, help="show ids above this one")
     listing.add_argument("--limit", type=int, default=100)
@@ -153,6 +160,10 @@ async def _migrate(settings: Settings, args: argparse.Namespace) -> Any:
 
 
 async def _create(settings: Settings, args: argparse.Namespace) -> Any:
+    if args.idempotency_key is not None and not args.start:
+        # "now" differs on every run, so a repeat would be another request under the same key.
+        raise AppError("--idempotency-key needs --start, so that a repeat is the same request")
+    key = idempotency_key(args.idempotency_key or str(uuid.uuid4()))
     start = _moment(args.start, "--start") if args.start else datetime.now(UTC)
     end = _moment(args.end, "--end") if args.end else start + timedelta(minutes=args.minutes)
     new = NewCoupon.from_json(
@@ -166,7 +177,8 @@ async def _create(settings: Settings, args: argparse.Namespace) -> Any:
         }
     )
     async with _stores(settings) as stores:
-        return (await coupons.create_coupon(stores.pool, stores.redis, new)).public()
+        coupon, _ = await coupons.create_coupon_once(stores.pool, stores.redis, new, key)
+        return coupon.public()
 
 
 async def _list(settings: Settings, args: argparse.Namespace) -> Any:

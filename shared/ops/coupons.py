@@ -17,12 +17,18 @@ from redis.exceptions import RedisError, ResponseError
 
 from shared import keys
 from shared.coupon_requests import CouponChange, NewCoupon
-from shared.errors import Conflict, CouponNotFound, RedisStateLost, Unavailable
+from shared.errors import (
+    Conflict,
+    CouponNotFound,
+    IdempotencyKeyReused,
+    RedisStateLost,
+    Unavailable,
+)
 from shared.model import Coupon
 from shared.mysql import coupon_rows
 from shared.mysql.pool import transaction
 from shared.redis import state as redis_state
-from shared.redis.coupon_state import publish_state
+from shared.redis.coupon_state import load_snapshot, publish_state
 from shared.redis.scripts import Scripts, UpdateStatus
 from shared.redis.streams import backlogs
 
@@ -36,9 +42,49 @@ async def create_coupon(pool: aiomysql.Pool, redis: Redis, new: NewCoupon) -> Co
     stores or in neither. Refused while Redis has lost its state: creating would mark the
     empty Redis as complete and hide the loss of every other coupon.
     """
+    await _refuse_while_state_lost(pool, redis)
+    return await _go_live(pool, redis, new, await coupon_rows.insert_coupon(pool, new))
+
+
+async def create_coupon_once(
+    pool: aiomysql.Pool, redis: Redis, new: NewCoupon, idempotency_key: str
+) -> tuple[Coupon, bool]:
+    """:func:`create_coupon` under an Idempotency-Key: a retry (a timeout, a double click)
+    with the same key and the same request gets the coupon the first one made, and no second
+    row or Redis state; the same key with another request is refused (422). Returns the coupon
+    and whether it is such a replay.
+
+    A replay answers with the coupon as MySQL holds it now. It is refused with a 503 (retry)
+    while the coupon's Redis state is not written yet, that is while the first creation is
+    still running, so a replay never confirms a coupon that Redis might still refuse.
+    """
+    await _refuse_while_state_lost(pool, redis)
+    coupon_id, holder = await coupon_rows.insert_coupon_once(pool, new, idempotency_key)
+    if holder is None:
+        return await _go_live(pool, redis, new, coupon_id), False
+    if holder != new.fingerprint():
+        raise IdempotencyKeyReused(
+            f"Idempotency-Key {idempotency_key!r} created coupon {coupon_id} from another body;"
+            " use a new key for a new coupon"
+        )
+    coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
+    try:
+        live = coupon is not None and await load_snapshot(redis, coupon_id) is not None
+    except RedisError as exc:
+        raise Unavailable("Redis is unreachable; repeat the request") from exc
+    if coupon is None or not live:
+        raise Unavailable(f"coupon {coupon_id} of this Idempotency-Key is still being created")
+    log.info("coupon_create_replayed", coupon_id=coupon_id)
+    return coupon, True
+
+
+async def _refuse_while_state_lost(pool: aiomysql.Pool, redis: Redis) -> None:
     if not await redis_state.state_present(redis, lambda: coupon_rows.any_coupon(pool)):
         raise RedisStateLost("Redis lost the coupon state; rebuild it before creating coupons")
-    coupon_id = await coupon_rows.insert_coupon(pool, new)
+
+
+async def _go_live(pool: aiomysql.Pool, redis: Redis, new: NewCoupon, coupon_id: int) -> Coupon:
+    """Publish a coupon just inserted; undo the insert (its key with it) if Redis refuses."""
     coupon = Coupon(id=coupon_id, **dataclasses.asdict(new))
     try:
         await publish_state(redis, coupon)
