@@ -4,6 +4,7 @@ run as a real subprocess against the session's Redis and MariaDB."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -110,3 +111,47 @@ async def test_status_prints_one_refresh_per_interval(
     assert "requested" in header
     assert len(rows) == 2
     await check_invariants(coupon, accepted={1, 2, 3})
+
+
+async def test_json_works_before_and_after_the_command(settings, make_coupon):
+    coupon = await make_coupon(total=4, title="json anywhere")
+    shown = []
+    for args in (
+        ["--json", "coupon", "show", str(coupon.id)],
+        ["coupon", "show", str(coupon.id), "--json"],
+        ["coupon", "show", "--json", str(coupon.id)],
+    ):
+        code, out, err = await couponctl(settings, *args)
+        assert code == 0, (args, err)
+        shown.append(orjson.loads(out))
+    assert all(row == shown[0] for row in shown)
+    assert shown[0]["id"] == coupon.id
+
+
+async def test_version_and_help_are_plain_text(settings):
+    code, out, err = await couponctl(settings, "--version")
+    version = importlib.metadata.version("coupon-drop")
+    assert (code, out.strip()) == (0, f"couponctl {version}"), err
+    code, out, err = await couponctl(settings, "--help")
+    assert code == 0, err
+    assert "``" not in out
+    assert "exit codes" in out
+
+
+async def test_exit_codes_tell_usage_not_found_unreachable_and_refused_apart(
+    settings, make_coupon
+):
+    code, _, err = await couponctl(settings, "coupon", "show")
+    assert code == 2, err  # usage
+    code, _, err = await couponctl(settings, "coupon", "show", "424242")
+    assert code == 4, err  # not found
+    assert err.strip() == "couponctl: coupon 424242 does not exist"
+    unreachable = settings.replace(
+        mysql_url="mysql://u:p@127.0.0.1:1/nothing", redis_url="redis://127.0.0.1:1/0"
+    )
+    code, _, err = await couponctl(unreachable, "coupon", "show", "1")
+    assert code == 5, err  # Redis or MySQL cannot be reached
+    assert err.startswith("couponctl: cannot reach a server")
+    coupon = await make_coupon(total=4)
+    code, _, err = await couponctl(settings, "coupon", "update", str(coupon.id), "--total", "-1")
+    assert code == 1, err  # refused: a bad value

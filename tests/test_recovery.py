@@ -98,7 +98,7 @@ async def test_rebuild_all_marks_redis_whole_again(client, redis, pool, settings
 
 async def test_rebuild_of_unknown_coupon_fails_in_one_line(settings, pool, redis):
     code, _, err = await couponctl(settings, "rebuild", "424242")
-    assert code == 1
+    assert code == 4  # not found
     assert err.strip() == "couponctl: coupon 424242 does not exist"
 
 

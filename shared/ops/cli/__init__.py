@@ -12,7 +12,8 @@
     couponctl reconcile [ID] [--repair] [--metrics-file PATH]
     couponctl dead list ID | replay ID [ENTRY...] | release ID ENTRY
 
-Human output by default, ``--json`` for scripts. Errors print one line and exit non-zero.
+Human output by default, ``--json`` (before or after the command) for scripts. Errors print one
+line; the exit code says which kind (``shared/ops/cli/parser.py``, ``EXIT_CODES``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiomysql
-import orjson
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -41,90 +41,23 @@ from shared import logging as shared_logging
 from shared.coupon_requests import CouponChange, NewCoupon, idempotency_key
 from shared.errors import AppError
 from shared.mysql import coupon_rows
+from shared.mysql.issue_store import is_transient
 from shared.mysql.migrations import migrate
 from shared.mysql.pool import create_pool
 from shared.ops import coupons, dead_letters, rebuild, reconcile
+from shared.ops.cli import output
+from shared.ops.cli.parser import (
+    EXIT_DRIFT,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    build_parser,
+)
 from shared.redis import client as redis_client
 from shared.settings import ConfigError, Settings
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, Any]]
-
-LIST_COLUMNS = ("id", "title", "total_quantity", "issued_quantity", "paused")
-RECONCILE_COLUMNS = ("coupon_id", *reconcile.CLASSES, "repaired")
-DEAD_COLUMNS = ("entry_id", "source_id", "user_id", "reason", "deliveries", "user_status")
-COLUMNS: dict[tuple[str, str | None], tuple[str, ...]] = {
-    ("coupon", "list"): LIST_COLUMNS,
-    ("reconcile", None): RECONCILE_COLUMNS,
-    ("dead", "list"): DEAD_COLUMNS,
-}
-STATUS_COLUMNS = ("requested", "issued", "pending", "dead_lettered", "remaining", "rate_per_s")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="couponctl", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    sub = parser.add_subparsers(dest="noun", required=True)
-
-    database = sub.add_parser("db", help="the MySQL schema").add_subparsers(
-        dest="verb", required=True
-    )
-    database.add_parser("migrate", help="create the database if missing and apply migrations")
-
-    coupon = sub.add_parser("coupon", help="coupons").add_subparsers(dest="verb", required=True)
-    create = coupon.add_parser("create", help="create a coupon, ready to issue")
-    create.add_argument("--title", required=True)
-    create.add_argument("--total", type=int, default=None, help="total quantity (omit: unlimited)")
-    create.add_argument("--discount", type=int, default=0, help="discount_amount")
-    create.add_argument("--min-amount", type=int, default=0, help="min_available_amount")
-    create.add_argument("--start", help="ISO-8601 with offset (default: now)")
-    create.add_argument("--end", help="ISO-8601 with offset (default: start + --minutes)")
-    create.add_argument("--minutes", type=float, default=60.0, help="window length if no --end")
-    create.add_argument(
-        "--idempotency-key",
-        help="repeat a create safely: the same key and options give the same coupon, never a"
-        " second (needs --start; default: a new key per run)",
-    )
-    listing = coupon.add_parser("list", help="coupons in id order")
-    listing.add_argument("--after", type=int, default=0, help="show ids above this one")
-    listing.add_argument("--limit", type=int, default=100)
-    show = coupon.add_parser("show", help="a coupon with its counters")
-    show.add_argument("coupon_id", type=int)
-    update = coupon.add_parser("update", help="change a coupon live (top up, move the window)")
-    update.add_argument("coupon_id", type=int)
-    update.add_argument("--title")
-    stock = update.add_mutually_exclusive_group()
-    stock.add_argument("--total", type=int, help="new total quantity")
-    stock.add_argument("--unlimited", action="store_true", help="remove the quantity limit")
-    update.add_argument("--start", help="new window start, ISO-8601 with offset")
-    update.add_argument("--end", help="new window end, ISO-8601 with offset")
-    for verb, what in (("pause", "stop issuing until resumed"), ("resume", "issue again")):
-        coupon.add_parser(verb, help=what).add_argument("coupon_id", type=int)
-
-    status = sub.add_parser("status", help="a live view of one coupon's counters")
-    status.add_argument("coupon_id", type=int)
-    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    status.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
-    rebuild = sub.add_parser("rebuild", help="restore Redis state from MySQL after a data loss")
-    which = rebuild.add_mutually_exclusive_group(required=True)
-    which.add_argument("coupon_id", type=int, nargs="?", help="one coupon (reopens it at once)")
-    which.add_argument("--all", action="store_true", help="every coupon, then mark Redis whole")
-
-    reconcile = sub.add_parser("reconcile", help="compare Redis with MySQL, report drift")
-    reconcile.add_argument("coupon_id", type=int, nargs="?", help="one coupon (default: all)")
-    reconcile.add_argument("--repair", action="store_true", help="fix the drift found")
-    reconcile.add_argument(
-        "--metrics-file", help="write the drift as Prometheus text (node_exporter textfile)"
-    )
-
-    dead = sub.add_parser("dead", help="dead letters").add_subparsers(dest="verb", required=True)
-    dead.add_parser("list", help="dead letters of a coupon").add_argument("coupon_id", type=int)
-    replay = dead.add_parser("replay", help="queue dead letters again (all, or those named)")
-    replay.add_argument("coupon_id", type=int)
-    replay.add_argument("entry_ids", nargs="*", metavar="ENTRY")
-    release = dead.add_parser("release", help="dead-letter a stuck pending request now")
-    release.add_argument("coupon_id", type=int)
-    release.add_argument("entry_id", metavar="ENTRY")
-    return parser
 
 
 @dataclass
@@ -235,23 +168,11 @@ async def _status(settings: Settings, args: argparse.Namespace) -> None:
             rate = None if previous is None else (row["issued"] - previous[1]) / (now - previous[0])
             previous = (now, row["issued"])
             row["rate_per_s"] = None if rate is None else round(rate, 1)
-            _show_status(row, json_lines=args.json, first=shown == 0)
+            output.show_status(row, json_lines=args.json, first=shown == 0)
             shown += 1
             if args.count and shown >= args.count:
                 return
             await asyncio.sleep(args.interval)
-
-
-def _show_status(row: dict[str, Any], *, json_lines: bool, first: bool) -> None:
-    if json_lines:  # one JSON object per refresh (NDJSON), for scripts
-        sys.stdout.write(orjson.dumps(row).decode() + "\n")
-    else:
-        if first:
-            print(f"coupon {row['id']} {row['title']!r} (total {_cell(row['total_quantity'])})")
-            print(_table_line(("time", *STATUS_COLUMNS)))
-        stamp = datetime.now(UTC).strftime("%H:%M:%S")
-        print(_table_line((stamp, *(_cell(row[c]) for c in STATUS_COLUMNS))))
-    sys.stdout.flush()
 
 
 async def _rebuild(settings: Settings, args: argparse.Namespace) -> Any:
@@ -293,7 +214,7 @@ async def _reconcile(settings: Settings, args: argparse.Namespace) -> Any:
     ]
     if any(d.total and not d.repaired for d in drifts):
         # Drift is a finding, not a crash: the report is printed and the exit code says so.
-        _print_result(rows, as_json=args.json, columns=RECONCILE_COLUMNS)
+        output.print_result(rows, as_json=args.json, columns=output.RECONCILE_COLUMNS)
         raise DriftFound(f"drift found in {sum(1 for d in drifts if d.total)} coupon(s)")
     return rows
 
@@ -351,41 +272,13 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
 }
 
 
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
-
-
-def _table_line(cells: tuple[str, ...]) -> str:
-    return "  ".join(f"{cell:>13}" for cell in cells)
-
-
 class DriftFound(Exception):
     """``reconcile`` found drift and was not asked to repair it (exit code 3)."""
 
 
-def _print_result(result: Any, *, as_json: bool, columns: tuple[str, ...] | None = None) -> None:
-    if as_json:
-        sys.stdout.write(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
-    else:
-        _print_human(result, columns)
-
-
-def _print_human(result: Any, columns: tuple[str, ...] | None = None) -> None:
-    if isinstance(result, list):  # a table
-        if columns is None:
-            columns = tuple(result[0]) if result else LIST_COLUMNS
-        rows = [[_cell(item.get(c)) for c in columns] for item in result]
-        widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-        for line in [list(columns), *rows]:
-            print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
-    elif isinstance(result, dict):
-        width = max((len(str(k)) for k in result), default=0)
-        for key, value in result.items():
-            print(f"{key:<{width}}  {_cell(value)}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.json = getattr(args, "json", False)
     try:
         settings = Settings.from_env()
         # Logs go to stderr, so stdout carries only the result (--json output stays parseable).
@@ -394,25 +287,28 @@ def main(argv: list[str] | None = None) -> int:
         command = COMMANDS[(args.noun, getattr(args, "verb", None))]
         result: Any = asyncio.run(command(settings, args))
     except KeyboardInterrupt:
-        return 0
+        return EXIT_OK
     except DriftFound as exc:
         print(f"couponctl: {exc} (run with --repair to fix it)", file=sys.stderr)
-        return 3
-    except (ConfigError, AppError, ValueError) as exc:
+        return EXIT_DRIFT
+    except AppError as exc:
         print(f"couponctl: {exc}", file=sys.stderr)
-        return 1
+        return {404: EXIT_NOT_FOUND, 503: EXIT_UNREACHABLE}.get(exc.status, EXIT_FAILED)
+    except (ConfigError, ValueError) as exc:
+        print(f"couponctl: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (RedisError, OSError) as exc:
         print(f"couponctl: cannot reach a server: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_UNREACHABLE
     except Exception as exc:
+        if is_transient(exc):  # MySQL: cannot connect, gone away, ...
+            print(f"couponctl: cannot reach a server: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
         print(f"couponctl: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     if result is None:
-        return 0
-    columns = COLUMNS.get((args.noun, getattr(args, "verb", None)))
-    _print_result(result, as_json=args.json, columns=columns)
-    return 0
+        return EXIT_OK
+    columns = output.COLUMNS.get((args.noun, getattr(args, "verb", None)))
+    output.print_result(result, as_json=args.json, columns=columns)
+    return EXIT_OK
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
