@@ -155,6 +155,8 @@ class Overloaded(Unavailable):
     nothing was reserved."""
 
     title = "Requests wait too long for a reservation"
+    # Shedding that works as intended is not an outage: its own outcome, its own alert.
+    outcome = "shed"
 
 
 class PipelineBehind(Unavailable):
@@ -162,6 +164,7 @@ class PipelineBehind(Unavailable):
 
     title = "Issuing is catching up"
     retry_after = 2
+    outcome = "shed"
 
 
 class RedisStateLost(Unavailable):

@@ -59,8 +59,34 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
-    # Libraries that use the standard library (aiohttp, aiomysql) log through it at WARNING.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s %(message)s")
+    _route_standard_logging(as_json, shared_processors)
+
+
+def _route_standard_logging(as_json: bool, shared_processors: list[Any]) -> None:
+    """Libraries that use the standard library (aiohttp, aiomysql, asyncio) log through it, at
+    WARNING and above; in JSON mode their lines are JSON too, with the same fields as ours plus
+    ``logger``, so a log pipeline never meets a plain-text line among the JSON ones."""
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=[*shared_processors, structlog.stdlib.add_logger_name],
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    _TRACEBACKS_WITHOUT_LOCALS,
+                    structlog.processors.JSONRenderer(serializer=_json_text),
+                ],
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+
+
+def _json_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
 
 
 def _add_pid(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -43,6 +43,7 @@ ISSUE_OUTCOMES = (
     "not_found",
     "invalid",
     "unavailable",
+    "shed",
     "rate_limited",
     "paused",
     "unauthorized",

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
 
 from gateway.app import create_app
 from shared import keys
@@ -30,6 +31,10 @@ async def assert_holds_nothing(redis, coupon_id: int, users: set[int]) -> None:
     queued = {int(f["u"]) for _, f in await redis.xrange(k.requests)}
     assert not users & holders, "a shed request took a slot"
     assert not users & queued, "a shed request was queued"
+
+
+def _outcomes(outcome: str) -> float:
+    return REGISTRY.get_sample_value("coupon_issue_requests_total", {"outcome": outcome}) or 0.0
 
 
 class Prober:
@@ -71,10 +76,14 @@ async def test_sheds_while_too_many_requests_wait_for_a_worker(
     coupon = await make_coupon(total=100)
     for user in range(1, 7):  # no worker runs: six requests wait
         assert (await issue(client, coupon.id, user))[0] == 202
+    before = {outcome: _outcomes(outcome) for outcome in ("shed", "unavailable")}
     probe = Prober(client, coupon.id)
     await probe.until(503)
     assert "wait for a worker" in probe.last_detail
     await assert_holds_nothing(redis, coupon.id, probe.shed)
+    # Shedding is its own outcome, not an outage (the alerts tell the two apart).
+    assert _outcomes("shed") - before["shed"] == len(probe.shed)
+    assert _outcomes("unavailable") == before["unavailable"]
     await drain(redis, pool, settings)
     await probe.until(202)  # caught up: requests are taken again
     await drain(redis, pool, settings)
