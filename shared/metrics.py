@@ -155,6 +155,17 @@ GATEWAY_MYSQL_UP = Gauge(
     " MySQL; acceptance does not).",
     multiprocess_mode="livemin",
 )
+REDIS_USED_MEMORY_BYTES = Gauge(
+    "coupon_redis_used_memory_bytes",
+    "Memory Redis uses (INFO memory used_memory; the largest node of a cluster).",
+    multiprocess_mode="livemax",
+)
+REDIS_MAXMEMORY_BYTES = Gauge(
+    "coupon_redis_maxmemory_bytes",
+    "Redis's maxmemory (0: no limit). Under noeviction a full Redis refuses every write: every"
+    " reservation is then a 503.",
+    multiprocess_mode="livemax",
+)
 STREAM_MONITOR_UP = Gauge(
     "coupon_stream_monitor_up",
     "1 when the worker's last stream measurement succeeded.",

@@ -118,8 +118,21 @@ class StreamMonitor:
             for coupon_id in coupon_ids
         ]
         self._publish(states)
+        await self._measure_memory()
         metrics.STREAM_MONITOR_UP.set(1)
         return states
+
+    async def _measure_memory(self) -> None:
+        """Redis's memory against its limit: under ``noeviction`` (which the service requires)
+        a full Redis refuses every write, so every reservation would be a 503."""
+        info: Any = await self._redis.info("memory")
+        # One node answers a dict of fields; a cluster client, a dict of them per node.
+        per_node = bool(info) and all(isinstance(value, dict) for value in info.values())
+        nodes = list(info.values()) if per_node else [info]
+        used = max(int(node.get("used_memory", 0)) for node in nodes)
+        limit = max(int(node.get("maxmemory", 0)) for node in nodes)
+        metrics.REDIS_USED_MEMORY_BYTES.set(used)
+        metrics.REDIS_MAXMEMORY_BYTES.set(limit)
 
     async def _remaining(self, coupon_ids: list[int]) -> dict[int, int | None]:
         """coupon id -> stock left to reserve (None: unlimited, or no snapshot)."""

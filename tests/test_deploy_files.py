@@ -891,3 +891,21 @@ def test_mysql_service_user_script_refuses_unsafe_values(mysql_proc: Any, tmp_pa
         assert cur.fetchone() == (0,)
     root.close()
     assert os.access(SERVICE_USER_SCRIPT, os.X_OK), "the image runs it only when executable"
+
+
+def test_every_alert_links_a_runbook_section_that_exists() -> None:
+    runbook = REPO / "docs" / "RUNBOOK.md"
+    headings = {
+        line[3:].strip().lower()
+        for line in runbook.read_text(encoding="utf-8").splitlines()
+        if line.startswith("## ")
+    }
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text(encoding="utf-8"))
+    rules = [rule for group in alerts["groups"] for rule in group["rules"]]
+    assert rules
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url", "")
+        path, _, anchor = url.partition("#")
+        assert path == "docs/RUNBOOK.md", f"{rule['alert']}: runbook_url {url!r}"
+        assert anchor == rule["alert"].lower(), f"{rule['alert']}: runbook_url {url!r}"
+        assert anchor in headings, f"no section '## {rule['alert']}' in docs/RUNBOOK.md"

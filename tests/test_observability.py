@@ -257,6 +257,12 @@ async def test_stream_monitor_reports_lag_pending_age_and_remaining_stock(
     (state,) = [s for s in await monitor.collect() if s.coupon_id == coupon.id]
     assert (state.lag, state.pending, state.oldest_age_seconds, state.remaining) == (0, 0, 0, 4)
     assert _gauge("coupon_stream_oldest_pending_age_seconds", label) == 0
+    # Redis's memory against its limit, as INFO reports them (the memory alert's two sides).
+    memory = await redis.info("memory")
+    assert REGISTRY.get_sample_value("coupon_redis_maxmemory_bytes") == memory["maxmemory"]
+    used = REGISTRY.get_sample_value("coupon_redis_used_memory_bytes")
+    assert used is not None
+    assert 0 < used <= memory["used_memory_peak"]
     await check_invariants(coupon, accepted=users)
 
 
