@@ -30,6 +30,8 @@ import redis as redis_sync
 import yaml
 from dockerfile_parse import DockerfileParser
 from mirakuru import TCPExecutor
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -909,3 +911,41 @@ def test_every_alert_links_a_runbook_section_that_exists() -> None:
         assert path == "docs/RUNBOOK.md", f"{rule['alert']}: runbook_url {url!r}"
         assert anchor == rule["alert"].lower(), f"{rule['alert']}: runbook_url {url!r}"
         assert anchor in headings, f"no section '## {rule['alert']}' in docs/RUNBOOK.md"
+
+
+def _locked() -> dict[str, tuple[str, int]]:
+    """Package name -> (pinned version, number of hashes) of deploy/requirements.lock."""
+    text = (DEPLOY / "requirements.lock").read_text(encoding="utf-8").replace("\\\n", " ")
+    pins: dict[str, tuple[str, int]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith(("#", " ")):
+            continue
+        requirement, *options = line.split()
+        name, _, version = requirement.partition("==")
+        hashes = sum(option.startswith("--hash=sha256:") for option in options)
+        pins[canonicalize_name(name)] = (version, hashes)
+    return pins
+
+
+def test_the_image_installs_locked_dependencies_with_hashes_within_the_ranges() -> None:
+    """deploy/requirements.lock pins every runtime dependency (setup.cfg's install_requires and
+    the [run] extra the image installs) inside its range, each with its files' hashes; the
+    image installs it with --require-hashes before the package, with --no-deps."""
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg", encoding="utf-8")
+    lines = [
+        *config["options"]["install_requires"].splitlines(),
+        *config["options.extras_require"]["run"].splitlines(),
+    ]
+    wanted = [Requirement(line.strip()) for line in lines if line.strip() and line[0] != "#"]
+    pins = _locked()
+    for requirement in wanted:
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement.name} is not in deploy/requirements.lock"
+        version, _ = pins[name]
+        assert requirement.specifier.contains(version), f"{name}=={version} outside {requirement}"
+    unhashed = sorted(name for name, (_, hashes) in pins.items() if not hashes)
+    assert not unhashed, f"locked without a hash: {unhashed}"
+    dockerfile = DOCKERFILE.read_text(encoding="utf-8")
+    assert "pip install --require-hashes -r deploy/requirements.lock" in dockerfile
+    assert 'pip install --no-deps ".[run]"' in dockerfile

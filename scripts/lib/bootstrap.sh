@@ -49,10 +49,15 @@ ensure_venv() {
     || die "Python 3.11 or newer is required (found $(python3 --version 2>&1))"
   [ -x "$PY" ] || { say "creating .venv"; python3 -m venv "$VENV"; }
   local stamp="$VENV/.installed" extras="${1:-test}"
-  if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ]; then
+  if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$extras" ] \
+    || [ "$ROOT/deploy/requirements.lock" -nt "$stamp" ]; then
     say "installing the package and its [$extras] extras into .venv"
     local log="$VENV/pip-install.log"
-    { "$PY" -m pip install -q --upgrade pip && "$PY" -m pip install -q -e "$ROOT[$extras]"; } >"$log" 2>&1 \
+    # The runtime dependencies at the versions the image ships (hashes checked), then the
+    # package and the extras of this command around them.
+    { "$PY" -m pip install -q --upgrade pip \
+        && "$PY" -m pip install -q --require-hashes -r "$ROOT/deploy/requirements.lock" \
+        && "$PY" -m pip install -q -e "$ROOT[$extras]"; } >"$log" 2>&1 \
       || { tail -20 "$log" >&2; die "pip install failed; see $log"; }
     "$PY" -c 'import gateway, stream_worker, shared' || die "package install failed"
     echo "$extras" >"$stamp"
