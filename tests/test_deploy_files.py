@@ -28,6 +28,8 @@ import pymysql
 import pytest
 import redis as redis_sync
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from dockerfile_parse import DockerfileParser
 from mirakuru import TCPExecutor
 from packaging.requirements import Requirement
@@ -949,3 +951,90 @@ def test_the_image_installs_locked_dependencies_with_hashes_within_the_ranges() 
     dockerfile = DOCKERFILE.read_text(encoding="utf-8")
     assert "pip install --require-hashes -r deploy/requirements.lock" in dockerfile
     assert 'pip install --no-deps ".[run]"' in dockerfile
+
+
+# --------------------------------------------------------------------------------------------
+# The production overlay (deploy/k8s/production)
+
+PRODUCTION = K8S / "production"
+
+
+def _merged(base: Any, patch: Any) -> Any:
+    """A strategic merge as kustomize does it for what the overlay patches: maps merge, lists
+    of named items (containers, ports) merge by name, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = _merged(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and all(
+        isinstance(item, dict) and "name" in item for item in [*base, *patch]
+    ):
+        by_name = {item["name"]: item for item in base}
+        for item in patch:
+            by_name[item["name"]] = _merged(by_name.get(item["name"], {}), item)
+        return list(by_name.values())
+    return patch
+
+
+def _production_objects() -> dict[tuple[str, str], dict[str, Any]]:
+    """(kind, name) -> object, as ``kubectl apply -k deploy/k8s/production`` would apply it."""
+    kustomization = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text(encoding="utf-8"))
+    objects = {(d["kind"], d["metadata"]["name"]): d for _, d in k8s_documents()}
+    for resource in kustomization["resources"]:
+        if resource == "..":
+            continue
+        for document in yaml.safe_load_all((PRODUCTION / resource).read_text(encoding="utf-8")):
+            objects[(document["kind"], document["metadata"]["name"])] = document
+    for patch in kustomization["patches"]:
+        document = yaml.safe_load((PRODUCTION / patch["path"]).read_text(encoding="utf-8"))
+        key = (document["kind"], document["metadata"]["name"])
+        assert key in objects, f"{patch['path']} patches {key}, which the base lacks"
+        objects[key] = _merged(objects[key], document)
+    return objects
+
+
+def _rsa_public_pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def test_production_overlay_is_valid_and_builds_on_the_base() -> None:
+    kustomization = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text(encoding="utf-8"))
+    assert kustomization["resources"][0] == ".."
+    assert kustomization["namespace"] == "coupon-drop"
+    for (kind, name), document in _production_objects().items():
+        try:
+            kubernetes_validate.validate(document, K8S_VERSIONS[-1], strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"production {kind} {name}: {exc.message}")
+
+
+def test_production_settings_are_the_readmes_production_advice() -> None:
+    objects = _production_objects()
+    env = dict(objects[("ConfigMap", "coupon-drop")]["data"])
+    secret = yaml.safe_load((K8S / "secret.example.yaml").read_text(encoding="utf-8"))
+    env.update(secret["stringData"])
+    env.update(COUPON_ADMIN_TOKEN="x" * 32, COUPON_JWT_PUBLIC_KEY=_rsa_public_pem())
+    settings = Settings.from_env(env)  # the values are valid together
+    assert settings.auth == "jwt"
+    assert settings.admin_port
+    assert settings.ops_on_admin_port
+    assert settings.rate_limit_ip_per_second > 0
+    assert settings.rate_limit_user_per_second > 0
+    assert settings.rate_limit_read_per_second > 0
+    assert settings.trusted_proxies
+    # The admin listener has a Service of its own; the public one never reaches it.
+    deployment = objects[("Deployment", "coupon-gateway")]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports["admin"] == settings.admin_port
+    admin = objects[("Service", "coupon-gateway-admin")]
+    assert admin["spec"]["type"] == "ClusterIP"
+    assert [port["targetPort"] for port in admin["spec"]["ports"]] == ["admin"]
+    public = objects[("Service", "coupon-gateway")]
+    assert "admin" not in [port["targetPort"] for port in public["spec"]["ports"]]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.admin_port)
+    # The probes stay on the public port, which keeps /healthz and /readyz.
+    assert _probe(container, "readinessProbe") == ("/readyz", settings.http_port)
