@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import hmac
 
+import structlog
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway import appkeys
 from gateway.bodies import json_object
-from gateway.problems import json_response
+from gateway.problems import json_response, stream_headers
 from shared.coupon_requests import CouponChange, NewCoupon, idempotency_key
 from shared.errors import Unauthorized, Unavailable
 from shared.ids import MAX_ID, parse_decimal, parse_id
-from shared.ops import coupons
+from shared.ops import coupons, winners
 
+log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 
@@ -93,3 +95,38 @@ async def show_coupon(request: web.Request) -> web.Response:
     except (RedisError, OSError):
         raise Unavailable("Redis is unreachable") from None
     return json_response(shown)
+
+
+@routes.get("/admin/coupons/{coupon_id}/winners")
+async def coupon_winners(request: web.Request) -> web.StreamResponse:
+    """Every winner, streamed from MySQL: CSV with ``Accept: text/csv`` (a header line, then one
+    row per winner), JSON lines otherwise; in the order the rows were made."""
+    require_admin(request)
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    fmt = "csv" if "text/csv" in request.headers.get("Accept", "") else "jsonl"
+    rows = await winners.winners(request.app[appkeys.MYSQL], coupon_id)  # 404 before any byte
+    response = web.StreamResponse(
+        headers={
+            **stream_headers(request),
+            "Content-Type": "text/csv; charset=utf-8" if fmt == "csv" else "application/x-ndjson",
+            "Content-Disposition": f'attachment; filename="coupon-{coupon_id}-winners.{fmt}"',
+        }
+    )
+    response.enable_chunked_encoding()
+    try:
+        await response.prepare(request)
+        async for chunk in winners.encoded(rows, fmt):
+            await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionError, OSError):
+        pass  # the client went away: nothing left to tell it
+    except Exception:
+        # The status line is sent: the only way left to say "incomplete" is to cut the body
+        # before its last chunk, which every HTTP client reports as an error.
+        log.exception("winners_export_failed", coupon_id=coupon_id)
+        response.force_close()
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        await rows.aclose()  # a client gone mid-way: the connection is closed, not drained
+    return response

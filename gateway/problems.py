@@ -100,6 +100,16 @@ def sampled_log(handler: Handler) -> Handler:
 _SAMPLED_HANDLERS: set[Handler] = set()
 
 
+REQUEST_ID = web.RequestKey("request_id", str)
+"""Where the middleware keeps the request's id on the request (for :func:`stream_headers`)."""
+
+
+def stream_headers(request: web.Request) -> dict[str, str]:
+    """The headers the middleware adds to every answer, for a streamed one: its headers are
+    sent when it is prepared, before the middleware sees it again."""
+    return {"X-Request-ID": request.get(REQUEST_ID, ""), "Server": SERVER}
+
+
 def request_id_of(request: web.Request) -> str:
     """The caller's ``X-Request-ID`` when it is printable ASCII (cut to 128 characters), else a
     new random one: the id is echoed in a header and written to the log, where anything else (a
@@ -119,6 +129,7 @@ def problem_middleware(sample: float) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request_id_of(request)
+        request[REQUEST_ID] = request_id
         response: web.StreamResponse
         try:
             response = await handler(request)

@@ -5,6 +5,7 @@
                             [--idempotency-key KEY]
     couponctl coupon list [--after ID] [--limit N]
     couponctl coupon show ID
+    couponctl coupon winners ID [--csv | --jsonl]
     couponctl coupon update ID [--title T] [--total N | --unlimited] [--start ISO] [--end ISO]
     couponctl coupon pause ID | resume ID
     couponctl status ID [--interval S] [--count N]
@@ -44,7 +45,7 @@ from shared.mysql import coupon_rows
 from shared.mysql.issue_store import is_transient
 from shared.mysql.migrations import migrate
 from shared.mysql.pool import create_pool
-from shared.ops import coupons, dead_letters, rebuild, reconcile
+from shared.ops import coupons, dead_letters, rebuild, reconcile, winners
 from shared.ops.cli import output
 from shared.ops.cli.parser import (
     EXIT_DRIFT,
@@ -122,6 +123,19 @@ async def _list(settings: Settings, args: argparse.Namespace) -> Any:
 async def _show(settings: Settings, args: argparse.Namespace) -> Any:
     async with _stores(settings) as stores:
         return await coupons.show_coupon(stores.pool, stores.redis, args.coupon_id)
+
+
+async def _winners(settings: Settings, args: argparse.Namespace) -> None:
+    """Streams to stdout as MySQL sends the rows; nothing is held in memory."""
+    fmt = "jsonl" if args.jsonl or args.json else "csv"
+    async with _stores(settings) as stores:
+        rows = await winners.winners(stores.pool, args.coupon_id)
+        try:
+            async for chunk in winners.encoded(rows, fmt):
+                sys.stdout.buffer.write(chunk)
+        finally:
+            await rows.aclose()
+    sys.stdout.flush()
 
 
 async def _change(settings: Settings, coupon_id: int, body: dict[str, Any]) -> Any:
@@ -260,6 +274,7 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
     ("coupon", "create"): _create,
     ("coupon", "list"): _list,
     ("coupon", "show"): _show,
+    ("coupon", "winners"): _winners,
     ("coupon", "update"): _update,
     ("coupon", "pause"): _pause,
     ("coupon", "resume"): _resume,

@@ -77,6 +77,11 @@ def _coupon_commands(sub: Any) -> list[Any]:
     stock.add_argument("--unlimited", action="store_true", help="remove the quantity limit")
     update.add_argument("--start", help="new window start, ISO-8601 with offset")
     update.add_argument("--end", help="new window end, ISO-8601 with offset")
+    export = coupon.add_parser("winners", help="every winner, streamed: CSV or JSON lines")
+    export.add_argument("coupon_id", type=int)
+    form = export.add_mutually_exclusive_group()
+    form.add_argument("--csv", action="store_true", help="CSV with a header line (the default)")
+    form.add_argument("--jsonl", action="store_true", help="one JSON object per line")
     for verb, what in (("pause", "stop issuing until resumed"), ("resume", "issue again")):
         coupon.add_parser(verb, help=what).add_argument("coupon_id", type=int)
 
