@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys, metrics
+from shared.mysql.pool import answers
 
 log = structlog.get_logger(__name__)
 
@@ -36,15 +37,9 @@ async def redis_state(redis: Redis) -> str:
 
 async def mysql_state(pool: aiomysql.Pool) -> str:
     """``ok`` or ``unreachable``; the gauge follows."""
-    try:
-        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
-            async with pool.acquire() as conn:
-                await conn.ping(reconnect=True)
-    except Exception:
-        metrics.GATEWAY_MYSQL_UP.set(0)
-        return "unreachable"
-    metrics.GATEWAY_MYSQL_UP.set(1)
-    return "ok"
+    up = await answers(pool)
+    metrics.GATEWAY_MYSQL_UP.set(int(up))
+    return "ok" if up else "unreachable"
 
 
 async def readiness(redis: Redis, pool: aiomysql.Pool) -> tuple[bool, dict[str, Any]]:

@@ -23,6 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from shared.mysql.pool import answers
+
 log = structlog.get_logger(__name__)
 
 CHECK_TIMEOUT_SECONDS = 1.0
@@ -97,13 +99,7 @@ class HealthListener:
     async def _mysql_state(self) -> str:
         if self._pool is None:
             return "starting"
-        try:
-            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
-                async with self._pool.acquire() as conn:
-                    await conn.ping(reconnect=True)
-        except Exception:
-            return "unreachable"
-        return "ok"
+        return "ok" if await answers(self._pool) else "unreachable"
 
 
 async def _metrics(request: web.Request) -> web.Response:

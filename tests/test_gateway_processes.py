@@ -15,18 +15,40 @@ import aiohttp
 import orjson
 
 from shared import keys
+from shared.settings import Settings
 from tests.helpers import REPO, child_env, drain, free_port, gateway_command, wait_for
 
 
-def _pids(log: Path) -> set[int]:
-    """Pids of the processes that logged an answered request."""
+def _pids(log: Path, event: str = "http_request") -> set[int]:
+    """Pids of the processes that logged ``event`` (by default: an answered request)."""
     pids = set()
     for line in log.read_bytes().splitlines():
         if line.startswith(b"{"):
             record = orjson.loads(line)
-            if record.get("event") == "http_request":
+            if record.get("event") == event:
                 pids.add(int(record["pid"]))
     return pids
+
+
+async def _supervised(
+    settings: Settings, tmp_path: Path
+) -> tuple[asyncio.subprocess.Process, str, Path, Path]:
+    """Two gateway processes under supervisord, as the image runs them: the supervisor, the
+    base URL, the log both processes write, and their shared metrics folder."""
+    port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = child_env(
+        settings.replace(http_port=port, gateway_processes=2, log_format="json", log_level="info"),
+        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
+    )
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        supervisor = await asyncio.create_subprocess_exec(
+            *gateway_command(2, tmp_path / "supervisord.pid"), cwd=REPO, env=env, stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    return supervisor, f"http://127.0.0.1:{port}", log, metrics_dir
 
 
 def _alive(pid: int) -> bool:
@@ -41,20 +63,7 @@ async def test_dead_process_is_replaced_and_sigterm_drains_everything(
     settings, redis, pool, make_coupon, check_invariants, tmp_path
 ):
     coupon = await make_coupon(total=100_000)
-    port = free_port()
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = child_env(
-        settings.replace(http_port=port, gateway_processes=2, log_format="json", log_level="info"),
-        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-    )
-    log = tmp_path / "gateway.log"
-    base = f"http://127.0.0.1:{port}"
-    with log.open("wb") as out:
-        supervisor = await asyncio.create_subprocess_exec(
-            *gateway_command(2, tmp_path / "supervisord.pid"), cwd=REPO, env=env, stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+    supervisor, base, log, metrics_dir = await _supervised(settings, tmp_path)
     accepted: set[int] = set()
     try:
         connector = aiohttp.TCPConnector(force_close=True)  # new connections spread over both
@@ -112,24 +121,12 @@ async def test_dead_process_is_replaced_and_sigterm_drains_everything(
 async def test_processes_stop_when_their_supervisor_is_killed(settings, tmp_path):
     """An orphan would keep serving on the shared port beside the next supervisor's processes:
     each gateway process asks the kernel for SIGTERM when its parent goes, and drains."""
-    port = free_port()
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = child_env(
-        settings.replace(http_port=port, gateway_processes=2, log_format="json", log_level="info"),
-        PROMETHEUS_MULTIPROC_DIR=str(metrics_dir),
-    )
-    log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        supervisor = await asyncio.create_subprocess_exec(
-            *gateway_command(2, tmp_path / "supervisord.pid"), cwd=REPO, env=env, stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+    supervisor, _, log, _ = await _supervised(settings, tmp_path)
     started: set[int] = set()
     try:
 
         async def both_started() -> bool:
-            started.update(_started(log))
+            started.update(_pids(log, "gateway_starting"))
             return len(started) == 2
 
         await wait_for(both_started, within=30, interval=0.05)
@@ -147,19 +144,8 @@ async def test_processes_stop_when_their_supervisor_is_killed(settings, tmp_path
         _kill_leftovers(log)
 
 
-def _started(log: Path) -> set[int]:
-    """Pids of the processes that logged their start."""
-    pids = set()
-    for line in log.read_bytes().splitlines():
-        if line.startswith(b"{"):
-            record = orjson.loads(line)
-            if record.get("event") == "gateway_starting":
-                pids.add(int(record["pid"]))
-    return pids
-
-
 def _kill_leftovers(log: Path) -> None:
     """Only after a failed test: never leave a gateway process behind."""
-    for pid in _started(log):
+    for pid in _pids(log, "gateway_starting"):
         if _alive(pid):
             os.kill(pid, signal.SIGKILL)

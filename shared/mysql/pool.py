@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -86,6 +87,22 @@ async def snapshot(
                 yield cur
         finally:
             await _rollback_quietly(conn)
+
+
+# A health probe's patience with MySQL: a probe must answer well within its own timeout.
+PING_TIMEOUT_SECONDS = 1.0
+
+
+async def answers(pool: aiomysql.Pool) -> bool:
+    """Whether MySQL answers a ping within :data:`PING_TIMEOUT_SECONDS` (the health probes):
+    any failure, a refused connection as a frozen server, is "no"."""
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+            async with pool.acquire() as conn:
+                await conn.ping(reconnect=True)
+    except Exception:  # any failure means "not answering"
+        return False
+    return True
 
 
 async def _rollback_quietly(conn: aiomysql.Connection) -> None:

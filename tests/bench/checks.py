@@ -119,6 +119,25 @@ async def wait_until(moment: datetime) -> None:
     await asyncio.sleep(max((moment - datetime.now(UTC)).total_seconds(), 0.0))
 
 
+async def open_drop(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    admin_token: str,
+    settings: Settings,
+    *,
+    total: int | None,
+    title: str,
+) -> int:
+    """A coupon created ahead of its window, as a real drop is, so that the workers read its
+    stream when the first request comes; returns its id once the window is open."""
+    opens_at = datetime.now(UTC) + timedelta(seconds=discovery_lead_seconds(settings))
+    coupon_id = await create_coupon(
+        session, base_url, admin_token, total=total, title=title, opens_at=opens_at
+    )
+    await wait_until(opens_at)
+    return coupon_id
+
+
 async def wait_drained(redis: Redis, coupon_id: int, *, within: float) -> int:
     """Wait until nothing is pending for the coupon (or ``within`` passes); the backlog left."""
     deadline = time.monotonic() + within

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -261,20 +261,11 @@ async def _drop(
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
     pool = await create_pool(running.settings().mysql, maxsize=2)
     try:
-        # Created ahead of its window, as a real drop is: the workers read its stream by then.
-        opens_at = datetime.now(UTC) + timedelta(
-            seconds=checks.discovery_lead_seconds(running.settings())
-        )
         async with aiohttp.ClientSession() as session:
-            coupon_id = await checks.create_coupon(
-                session,
-                gateway.url,
-                running.admin_token,
-                total=args.stock,
-                title="loadtest",
-                opens_at=opens_at,
-            )
-            await checks.wait_until(opens_at)
+            coupon_id = await checks.open_drop(
+                session, gateway.url, running.admin_token, running.settings(),
+                total=args.stock, title="loadtest",
+            )  # fmt: skip
             log(
                 f"==> coupon {coupon_id}: {args.stock:,} coupons; locust {args.users} users"
                 f" (+{args.spawn_rate:g}/s) for {args.duration} s, user ids 1..{args.user_ids:,}"

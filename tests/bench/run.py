@@ -556,21 +556,11 @@ async def e2e_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     gateway = running.start_gateway(processes=profile.e2e_gateways, name="e2e-gateway")
     workers = running.start_workers(profile.e2e_workers)
     try:
-        # Created ahead of its window, as a real drop is, so the workers read its stream when
-        # the first request comes (otherwise the first waits the discovery interval).
-        opens_at = datetime.now(UTC) + timedelta(
-            seconds=checks.discovery_lead_seconds(running.settings())
-        )
         async with aiohttp.ClientSession() as session:
-            coupon_id = await checks.create_coupon(
-                session,
-                gateway.url,
-                running.admin_token,
-                total=stock,
-                title="e2e",
-                opens_at=opens_at,
-            )
-        await checks.wait_until(opens_at)
+            coupon_id = await checks.open_drop(
+                session, gateway.url, running.admin_token, running.settings(),
+                total=stock, title="e2e",
+            )  # fmt: skip
         user_ids = list(range(1, users + 1))
         random.Random(7).shuffle(user_ids)
         issued_at: list[float] = []
