@@ -71,6 +71,15 @@ async def row_count(pool: aiomysql.Pool, coupon_id: int | None = None) -> int:
     return int(count)
 
 
+async def issued_quantity(pool: aiomysql.Pool, coupon_id: int) -> int:
+    """The ``coupons.issued_quantity`` column of a coupon."""
+    async with pool.acquire() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
+        (quantity,) = await cur.fetchone()
+        await conn.rollback()
+    return int(quantity)
+
+
 async def couponctl(
     settings: Settings, *args: str, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:

@@ -50,6 +50,15 @@ MARIADB_START_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
 
 
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` of a process's log file ("" when there is none yet), for failures."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 class ServerError(RuntimeError):
     """A server could not be started; the message names its log."""
 
@@ -249,11 +258,7 @@ class Server:
             self.log.close()
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 class RedisServer(Server):

@@ -17,7 +17,7 @@ import aiomysql
 import orjson
 from aiohttp.test_utils import TestClient
 
-from tests.helpers import drain
+from tests.helpers import drain, issued_quantity
 
 # Bounded concurrency: enough in flight at once that the gateway coalesces large batches.
 CONCURRENCY = 300
@@ -76,14 +76,6 @@ async def _rows(pool: aiomysql.Pool, coupon_id: int) -> list[int]:
     return users
 
 
-async def _issued_quantity(pool: aiomysql.Pool, coupon_id: int) -> int:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
-        (quantity,) = await cur.fetchone()
-        await conn.rollback()
-    return int(quantity)
-
-
 def _assert_only_202_or_refusal(answers: Answers) -> None:
     """Every answer is a 202 or a 409 duplicate / sold out; never a 5xx or anything else."""
     unexpected = [a for a in answers.all() if a[0] != 202 and (a[0], a[1]) not in _REFUSED]
@@ -108,7 +100,7 @@ async def _assert_outcome(
     assert len(rows) == expected_winners
     assert len(set(rows)) == len(rows), "a user holds two rows"
     assert set(rows) == winners, "rows differ from the users who got a 202"
-    assert await _issued_quantity(pool, coupon_id) == expected_winners
+    assert await issued_quantity(pool, coupon_id) == expected_winners
     return winners
 
 

@@ -48,7 +48,7 @@ from shared.mysql.issue_store import Entry
 from shared.redis.coupon_state import publish_state
 from shared.redis.scripts import IssueResult, Scripts
 from stream_worker.worker import Worker
-from tests.helpers import drain, issue, row_count, wait_for
+from tests.helpers import drain, issue, issued_quantity, row_count, wait_for
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -83,14 +83,6 @@ async def _rows(pool: aiomysql.Pool, coupon_id: int) -> list[dict[str, Any]]:
     return rows
 
 
-async def _issued_quantity(pool: aiomysql.Pool, coupon_id: int) -> int:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
-        (quantity,) = await cur.fetchone()
-        await conn.rollback()
-    return int(quantity)
-
-
 async def _dead_letter_reasons(pool: aiomysql.Pool, coupon_id: int) -> dict[str, str]:
     async with pool.acquire() as conn, conn.cursor() as cur:
         await cur.execute(
@@ -109,7 +101,7 @@ async def _assert_mysql_invariants(pool: aiomysql.Pool, coupon: Coupon) -> None:
     if coupon.total_quantity is not None:
         assert len(rows) <= coupon.total_quantity, "I1: oversold"
     assert len(users) == len(set(users)), "I2: a user holds two rows"
-    assert await _issued_quantity(pool, coupon.id) == len(rows), "I6: counter != rows"
+    assert await issued_quantity(pool, coupon.id) == len(rows), "I6: counter != rows"
 
 
 async def _post(client: Any, coupon_id: int, user_id: int) -> tuple[int, dict[str, Any], str]:
@@ -207,7 +199,7 @@ async def test_coupon_issue_1_valid_issues_the_100th_and_last_coupon(
     coupon = await make_coupon(100, start=now - DAY, end=now + 2 * DAY)
     assert await _next_issue(redis, coupon, issued=99, user=100) is IssueResult.ACCEPTED
     await drain(redis, pool, settings)
-    assert await _issued_quantity(pool, coupon.id) == 100
+    assert await issued_quantity(pool, coupon.id) == 100
     await check_invariants(coupon, accepted=set(range(1, 101)))
 
 
@@ -298,7 +290,7 @@ async def test_coupon_issue_service_save_coupon_issue_1_existing_issue_is_alread
     assert again.to_dead_letter == []
     assert again.unknown_coupon == []
     assert len(await _rows(pool, coupon.id)) == 1
-    assert await _issued_quantity(pool, coupon.id) == 1
+    assert await issued_quantity(pool, coupon.id) == 1
     await drain(redis, pool, settings)
     await check_invariants(coupon, accepted={1})
 
@@ -326,9 +318,9 @@ async def test_coupon_issue_service_issue_1_valid_issued_quantity_is_1_and_row_e
     """CouponIssueServiceTest.issue_1."""
     coupon = await make_coupon(total=100)
     await _accept(redis, coupon.id, [1])
-    assert await _issued_quantity(pool, coupon.id) == 0
+    assert await issued_quantity(pool, coupon.id) == 0
     await issue_store.write_batch(pool, await _queued(redis, coupon.id))
-    assert await _issued_quantity(pool, coupon.id) == 1
+    assert await issued_quantity(pool, coupon.id) == 1
     assert await row_count(pool, coupon.id) == 1
     await drain(redis, pool, settings)
     await check_invariants(coupon, accepted={1})
@@ -354,7 +346,7 @@ async def test_coupon_issue_service_issue_2_sold_out_in_mysql_is_dead_lettered_o
     # The first 100 in stream order fit; the 101st is over the cap.
     assert result.inserted == entries[:100]
     assert result.to_dead_letter == [entries[100]]
-    assert await _issued_quantity(pool, coupon.id) == 100
+    assert await issued_quantity(pool, coupon.id) == 100
     assert await _dead_letter_reasons(pool, coupon.id) == {entries[100].entry_id: "over_cap"}
     await drain(redis, pool, settings)
     snap = await check_invariants(coupon, accepted=users)
@@ -424,7 +416,7 @@ async def test_coupon_issue_service_issue_4_user_with_a_row_gets_no_second_row(
     result = await issue_store.write_batch(pool, [third, fourth])
     assert result.inserted == [third]
     assert result.already_issued == [fourth]
-    assert await _issued_quantity(pool, coupon.id) == 2
+    assert await issued_quantity(pool, coupon.id) == 2
     await _assert_mysql_invariants(pool, coupon)
 
 
@@ -647,7 +639,7 @@ async def test_coupon_issue_listener_issue_1_empty_stream_writes_no_rows(
     coupon = await make_coupon(total=10)
     await drain(redis, pool, settings)
     assert await row_count(pool, coupon.id) == 0
-    assert await _issued_quantity(pool, coupon.id) == 0
+    assert await issued_quantity(pool, coupon.id) == 0
     await check_invariants(coupon)
 
 

@@ -36,7 +36,7 @@ from shared.mysql.pool import create_pool
 from shared.redis.scripts import Scripts
 from shared.settings import Settings
 from stream_worker.worker import Worker
-from tests.helpers import drain, issue, row_count, wait_for
+from tests.helpers import drain, issue, issued_quantity, row_count, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DRAIN_WITHIN = 30.0
@@ -81,14 +81,6 @@ async def _rows(pool: aiomysql.Pool, coupon_id: int) -> list[Row]:
         rows = await cur.fetchall()
         await conn.rollback()
     return [(int(i), int(u), r, d) for i, u, r, d in rows]
-
-
-async def _issued_quantity(pool: aiomysql.Pool, coupon_id: int) -> int:
-    async with pool.acquire() as conn, conn.cursor() as cur:
-        await cur.execute("SELECT issued_quantity FROM coupons WHERE id = %s", (coupon_id,))
-        (quantity,) = await cur.fetchone()
-        await conn.rollback()
-    return int(quantity)
 
 
 async def _dead_letter_rows(pool: aiomysql.Pool, coupon_id: int) -> dict[str, tuple[int, str]]:
@@ -282,7 +274,7 @@ async def test_same_entry_written_twice_gives_one_row(
     assert second.already_issued == [entry]
     assert second.to_dead_letter == []
     assert [r[1] for r in await _rows(pool, coupon.id)] == [1]
-    assert await _issued_quantity(pool, coupon.id) == 1
+    assert await issued_quantity(pool, coupon.id) == 1
     # A worker delivering it a third time only acknowledges it.
     await _drain(redis, pool, settings)
     await check_invariants(coupon, accepted={1})
@@ -312,7 +304,7 @@ async def test_entry_committed_but_unacked_is_reclaimed_without_second_row(
     await _drain(redis, pool, settings, worker_name="rescuer")
 
     assert sorted(r[1] for r in await _rows(pool, coupon.id)) == [1, 2, 3]
-    assert await _issued_quantity(pool, coupon.id) == 3
+    assert await issued_quantity(pool, coupon.id) == 3
     assert await _pending(redis, coupon.id) == []
     for user in accepted:
         assert await _status(client, coupon.id, user) == "issued"
@@ -342,7 +334,7 @@ async def test_two_workers_claiming_same_entries_give_one_row_per_user(
     assert late.inserted == []
     assert sorted(e.user_id for e in late.already_issued) == users
     assert sorted(r[1] for r in await _rows(pool, coupon.id)) == users
-    assert await _issued_quantity(pool, coupon.id) == 5
+    assert await issued_quantity(pool, coupon.id) == 5
     await check_invariants(coupon, accepted=set(users))
 
 
@@ -365,7 +357,7 @@ async def test_late_worker_writes_no_row_for_a_request_dead_lettered_meanwhile(
     assert late.inserted == [entries[0], entries[2]]
     assert late.to_dead_letter == [entries[1]]
     assert sorted(r[1] for r in await _rows(pool, coupon.id)) == [1, 3]
-    assert await _issued_quantity(pool, coupon.id) == 2
+    assert await issued_quantity(pool, coupon.id) == 2
     # A worker takes the pending entries over: acknowledges 1 and 3, releases 2's slot.
     await wait_for(lambda: _all_pending_idle(redis, coupon.id, settings.reclaim_idle_ms))
     await _drain(redis, pool, settings, worker_name="rescuer")
@@ -638,7 +630,7 @@ async def test_mysql_cap_holds_when_redis_accepted_too_many(
 
     # The first three in stream order are issued; the rest are over the cap.
     assert [r[1] for r in await _rows(pool, coupon.id)] == [1, 2, 3]
-    assert await _issued_quantity(pool, coupon.id) == 3
+    assert await issued_quantity(pool, coupon.id) == 3
     dead = await _dead(redis, coupon.id)
     assert sorted((f["source_id"], f["reason"], f["f_u"]) for f in dead) == [
         (entry_ids[3], "over_cap", "4"),

@@ -37,6 +37,7 @@ from tests.servers import (
     die_with_parent,
     free_port,
     http_ok,
+    log_tail,
 )
 
 PYTHON = sys.executable
@@ -65,11 +66,7 @@ class Proc:
         return self.popen.poll() is None
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 @dataclass

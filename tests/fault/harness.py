@@ -45,7 +45,7 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests import servers
-from tests.servers import HOST, REPO, free_port
+from tests.servers import HOST, REPO, free_port, log_tail
 
 ADMIN_TOKEN = "fault-admin-token-0123456789"
 START_TIMEOUT = 30.0
@@ -193,11 +193,7 @@ class ServiceProcess:
         return found
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 def _log_file(path: Path) -> IO[str]:
