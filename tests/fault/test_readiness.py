@@ -13,7 +13,7 @@ The drop runs all the while; every 202 becomes a row (I1–I7 checked at the end
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,6 +21,7 @@ import aiohttp
 
 from tests.fault.checker import check
 from tests.fault.load import LoadClient
+from tests.helpers import wait_for
 
 STUCK_SECONDS = 3.0
 
@@ -28,13 +29,6 @@ STUCK_SECONDS = 3.0
 async def _probe(session: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
         return response.status, await response.json()
-
-
-async def _until(condition: Callable[[], Awaitable[bool]], *, within: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.2)
 
 
 async def _gauge(session: aiohttp.ClientSession, url: str, name: str) -> float:
@@ -73,11 +67,14 @@ async def test_probes_tell_mysql_down_from_a_stuck_worker(stacks, measure):
             assert status == 200, body  # never out of service for MySQL
             return body["mysql"] == "unreachable"
 
-        await _until(gateway_reports_mysql_down, within=15, what="gateway says mysql unreachable")
+        await wait_for(gateway_reports_mysql_down, within=15, interval=0.2)
         assert await _gauge(session, gateway.url, "coupon_gateway_mysql_up") == 0
-        await asyncio.sleep(STUCK_SECONDS + 1)  # longer than "stuck": retrying is turning
-        status, body = await _probe(session, alive)
-        assert (status, body["status"]) == (200, "ok"), body
+        # Healthy throughout a stretch longer than "stuck": retrying MySQL is turning.
+        until = time.monotonic() + STUCK_SECONDS + 1
+        while time.monotonic() < until:
+            status, body = await _probe(session, alive)
+            assert (status, body["status"]) == (200, "ok"), body
+            await asyncio.sleep(0.2)
         status, body = await _probe(session, f"{worker.url}/readyz")
         assert (status, body["mysql"]) == (200, "unreachable"), body
 
@@ -87,7 +84,7 @@ async def test_probes_tell_mysql_down_from_a_stuck_worker(stacks, measure):
         async def gateway_reports_mysql_up() -> bool:
             return (await _probe(session, ready))[1]["mysql"] == "ok"
 
-        await _until(gateway_reports_mysql_up, within=15, what="gateway says mysql ok")
+        await wait_for(gateway_reports_mysql_up, within=15, interval=0.2)
 
         client.phase = "mysql_frozen"
         mysql.pause()
@@ -97,7 +94,7 @@ async def test_probes_tell_mysql_down_from_a_stuck_worker(stacks, measure):
                 status, body = await _probe(session, alive)
                 return status == 503 and body["status"] == "stuck"
 
-            await _until(worker_stuck, within=STUCK_SECONDS + 20, what="worker /healthz 503")
+            await wait_for(worker_stuck, within=STUCK_SECONDS + 20, interval=0.2)
             assert (await _probe(session, ready))[0] == 200
         finally:
             mysql.resume()
@@ -106,7 +103,7 @@ async def test_probes_tell_mysql_down_from_a_stuck_worker(stacks, measure):
         async def worker_healthy() -> bool:
             return (await _probe(session, alive))[0] == 200
 
-        await _until(worker_healthy, within=30, what="worker /healthz 200 again")
+        await wait_for(worker_healthy, within=30, interval=0.2)
         await load
     await stack.wait_drained([coupon.id], within=120)
     verdict = await check(stack, coupon, client.history)
