@@ -33,8 +33,10 @@ def main() -> None:
     if one_of_many:
         _end_with_the_supervisor()
     metrics.forget_dead_processes()
-    if settings.admin_token is None:
-        log.warning("admin_api_disabled", reason="COUPON_ADMIN_TOKEN is not set")
+    if not settings.admin_actors:
+        log.warning(
+            "admin_api_disabled", reason="neither COUPON_ADMIN_TOKEN nor _TOKENS is set"
+        )
     if settings.auth == "none":
         log.warning(
             "identity_not_verified",

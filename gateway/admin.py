@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 
 import structlog
@@ -14,42 +15,46 @@ from gateway.problems import json_response, stream_headers
 from shared.coupon_requests import CouponChange, NewCoupon, idempotency_key
 from shared.errors import Unauthorized, Unavailable
 from shared.ids import MAX_ID, parse_decimal, parse_id
-from shared.ops import coupons, winners
+from shared.ops import audit, coupons, retire, winners
+from shared.ops.audit import Actor
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 
-def require_admin(request: web.Request) -> None:
-    """Refuse unless the bearer token matches; with no token configured, refuse everything.
+def require_admin(request: web.Request) -> Actor:
+    """The admin a request acts for, by its bearer token (one of ``COUPON_ADMIN_TOKENS``, or
+    ``COUPON_ADMIN_TOKEN``); 401 otherwise, and for everything when no token is configured.
 
     The path must say ``/admin/`` literally: aiohttp decodes ``/%61dmin/`` to ``/admin/``, and
     a proxy that keeps the admin routes off the internet by prefix would let it through."""
     if not request.raw_path.startswith("/admin/"):
         raise web.HTTPNotFound()
-    expected = request.app[appkeys.SETTINGS].admin_token
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
-    if (
-        expected is None
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(presented.strip().encode(), expected.encode())
-    ):
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    offered = presented.strip().encode()
+    name = None
+    # Every token is compared, whichever matches, so the time taken tells nothing.
+    for token, actor in request.app[appkeys.SETTINGS].admin_actors.items():
+        if hmac.compare_digest(offered, token.encode()):
+            name = actor
+    if scheme.lower() != "bearer" or name is None:
         raise Unauthorized("a valid admin bearer token is required")
+    return Actor(name, "admin-api")
 
 
 @routes.post("/admin/coupons")
 async def create_coupon(request: web.Request) -> web.Response:
     """Create a coupon. With an ``Idempotency-Key`` header, a retry with the same key and body
     answers the first coupon again (``Idempotent-Replayed: true``) instead of making a second."""
-    require_admin(request)
+    actor = require_admin(request)
     raw_key = request.headers.get("Idempotency-Key")
     key = None if raw_key is None else idempotency_key(raw_key)
     new = NewCoupon.from_json(await json_object(request))
     pool, redis = request.app[appkeys.MYSQL], request.app[appkeys.REDIS]
     if key is None:
-        return json_response((await coupons.create_coupon(pool, redis, new)).public(), status=201)
-    coupon, replayed = await coupons.create_coupon_once(pool, redis, new, key)
+        coupon = await coupons.create_coupon(pool, redis, new, actor=actor)
+        return json_response(coupon.public(), status=201)
+    coupon, replayed = await coupons.create_coupon_once(pool, redis, new, key, actor=actor)
     response = json_response(coupon.public(), status=201)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -70,13 +75,41 @@ async def list_coupons(request: web.Request) -> web.Response:
 @routes.patch("/admin/coupons/{coupon_id}")
 async def update_coupon(request: web.Request) -> web.Response:
     """Move the window, top up (or lower) the stock, pause or resume; live for every gateway."""
-    require_admin(request)
+    actor = require_admin(request)
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
     change = CouponChange.from_json(await json_object(request))
     coupon = await coupons.update_coupon(
-        request.app[appkeys.MYSQL], request.app[appkeys.REDIS], coupon_id, change
+        request.app[appkeys.MYSQL], request.app[appkeys.REDIS], coupon_id, change, actor=actor
     )
     return json_response(coupon.public())
+
+
+@routes.post("/admin/coupons/{coupon_id}/retire")
+async def retire_coupon(request: web.Request) -> web.Response:
+    """Retire a finished coupon now: refused (409, with the reason) while its window is open or
+    a request it accepted is not settled yet."""
+    actor = require_admin(request)
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    done = await retire.retire_coupon(
+        request.app[appkeys.MYSQL], request.app[appkeys.REDIS], coupon_id, actor=actor
+    )
+    return json_response(dataclasses.asdict(done))
+
+
+@routes.get("/admin/audit")
+async def audit_log(request: web.Request) -> web.Response:
+    """Who changed what, oldest first, a page at a time:
+    ``?coupon_id=ID&after=<last id seen>&limit=1..1000``."""
+    require_admin(request)
+    raw_coupon = request.query.get("coupon_id")
+    coupon_id = None if raw_coupon is None else parse_id(raw_coupon, "coupon_id")
+    after = _query_int(request, "after", default=0, low=0, high=MAX_ID)
+    limit = _query_int(request, "limit", default=100, low=1, high=1000)
+    page = await audit.entries(
+        request.app[appkeys.MYSQL], coupon_id=coupon_id, after_id=after, limit=limit
+    )
+    next_after = page[-1]["id"] if len(page) == limit else None
+    return json_response({"entries": page, "next_after": next_after})
 
 
 def _query_int(request: web.Request, name: str, *, default: int, low: int, high: int) -> int:

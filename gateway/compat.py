@@ -95,7 +95,9 @@ async def issue_sync(request: web.Request) -> web.Response:
     if result.unknown_coupon:
         return _refused(CouponNotFound)
     try:
-        await request.app[appkeys.REDIS].sadd(keys.CouponKeys(coupon_id).issued, user_id)
+        # Shown issued at once; the entry stays pending until a worker acknowledges it, and the
+        # worker's acknowledgement marks :issued, so the balance never counts it twice.
+        await request.app[appkeys.REDIS].sadd(keys.CouponKeys(coupon_id).sync_issued, user_id)
     except Exception as exc:  # only the status view lags; the worker's ack sets it too
         log.warning("sync_issued_mark_deferred", coupon_id=coupon_id, error=repr(exc))
     return _answer(_SUCCESS)

@@ -17,6 +17,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.ids import parse_id
+from shared.mysql import coupon_rows
 
 routes = web.RouteTableDef()
 
@@ -44,7 +45,8 @@ async def issue(request: web.Request) -> web.Response:
 @routes.get("/v1/coupons/{coupon_id}/issues/{user_id}")
 @sampled_log
 async def issue_status(request: web.Request) -> web.Response:
-    """pending, issued or failed, answered from Redis alone."""
+    """pending, issued or failed, answered from Redis alone; for a retired coupon (whose
+    Redis sets are gone), from MySQL."""
     request.app[appkeys.LIMITS].check_reader(request)
     coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
     user_id = parse_id(request.match_info["user_id"], "user_id")
@@ -52,25 +54,32 @@ async def issue_status(request: web.Request) -> web.Response:
     k = keys.CouponKeys(coupon_id)
     try:
         async with request.app[appkeys.REDIS].pipeline(transaction=False) as pipe:
-            pipe.exists(k.meta)
+            pipe.hmget(k.meta, "id", "retired_reserved")
             pipe.sismember(k.issued, str(user_id))
             pipe.sismember(k.users, str(user_id))
             pipe.sismember(k.failed, str(user_id))
             pipe.exists(keys.STATE_MARKER)
-            exists, issued, holding, failed, marked = await pipe.execute()
+            pipe.sismember(k.sync_issued, str(user_id))  # committed by POST /v1/issue itself
+            (exists, retired), issued, holding, failed, marked, sync = await pipe.execute()
     except (RedisError, OSError):
         raise Unavailable("Redis is unreachable") from None
     if not exists:
         if not marked:
             raise RedisStateLost("Redis lost the coupon state; an operator must rebuild it")
         raise CouponNotFound(f"coupon {coupon_id} does not exist")
-    if issued:
+    status: str | None
+    if issued or sync:
         status = "issued"
     elif holding:
         status = "pending"
     elif failed:
         status = "failed"
     else:
+        # A MySQL outage here is a 503 (the problem middleware): a retired coupon's answers
+        # live in MySQL only.
+        mysql = request.app[appkeys.MYSQL]
+        status = await coupon_rows.retired_outcome(mysql, coupon_id, user_id) if retired else None
+    if status is None:
         raise IssueNotFound(f"user {user_id} never requested coupon {coupon_id}")
     return json_response({"coupon_id": coupon_id, "user_id": user_id, "status": status})
 
@@ -84,7 +93,10 @@ async def coupon_snapshot(request: web.Request) -> web.Response:
     redis = request.app[appkeys.REDIS]
     try:
         coupon = await request.app[appkeys.SNAPSHOTS].get(coupon_id)
-        reserved = 0 if coupon is None else int(await redis.scard(keys.CouponKeys(coupon_id).users))
+        if coupon is None or coupon.retired_reserved is not None:  # retired: its count is kept
+            reserved = 0 if coupon is None else coupon.retired_reserved or 0
+        else:
+            reserved = int(await redis.scard(keys.CouponKeys(coupon_id).users))
     except (RedisError, OSError):
         raise Unavailable("Redis is unreachable") from None
     if coupon is None:

@@ -19,6 +19,13 @@ STATE_MARKER = "coupons:state"
 the marker is gone too, and the gateway answers 503 instead of "no such coupon" (or worse,
 selling the stock a second time) until ``couponctl rebuild`` restores the state from MySQL."""
 
+WORKERS = "coupons:workers"
+"""ZSET of stream workers alive: member = the worker's name (``COUPON_WORKER_NAME``), score =
+the Redis server time (ms) of its last heartbeat. A worker refreshes its member every few
+seconds while its loop turns (``heartbeat.lua``, which also drops members silent for an hour)
+and removes it when it stops cleanly; ``couponctl preflight`` counts the fresh members, since a
+consumer group shows no consumer before the first request reaches it."""
+
 
 @dataclass(frozen=True, slots=True)
 class CouponKeys:
@@ -52,8 +59,27 @@ class CouponKeys:
 
     @property
     def issued(self) -> str:
-        """SET: users whose row is committed in MySQL (for the status route)."""
+        """SET: users whose row is committed in MySQL and whose request was acknowledged (the
+        worker marks and XACKs in one MULTI), for the status route and the balance of
+        accepted requests (``coupon_requests_unaccounted``, :mod:`stream_worker.monitor`)."""
         return f"{self.tag}:issued"
+
+    @property
+    def sync_issued(self) -> str:
+        """SET: users whose row the synchronous route (``POST /v1/issue``) committed itself,
+        shown issued at once by the status route. Their :attr:`issued` mark comes with the
+        worker's acknowledgement of the entry, as everyone's, so that :attr:`issued` never
+        counts a request that is still pending."""
+        return f"{self.tag}:sync_issued"
+
+    @property
+    def correction(self) -> str:
+        """STRING, an integer: accepted requests that the balance accepted = issued + pending +
+        dead-lettered cannot place by itself (:mod:`stream_worker.monitor`). Each request
+        ``couponctl reconcile --repair`` re-queues as a new entry adds 1 (its lost original
+        stays in the stream, settled without a row); each issued mark rebuild or reconcile
+        restores for a row with no request in the stream (the stream was lost) takes 1 off."""
+        return f"{self.tag}:correction"
 
     @property
     def failed(self) -> str:
@@ -61,4 +87,7 @@ class CouponKeys:
         return f"{self.tag}:failed"
 
     def all(self) -> tuple[str, ...]:
-        return (self.meta, self.users, self.requests, self.dead, self.issued, self.failed)
+        return (
+            self.meta, self.users, self.requests, self.dead, self.issued, self.failed,
+            self.sync_issued, self.correction,
+        )  # fmt: skip

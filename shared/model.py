@@ -60,6 +60,13 @@ class Coupon:
     date_issue_end: datetime
     paused: bool = False
     coupon_type: str = COUPON_TYPE
+    retired_reserved: int | None = None
+    """None while the coupon lives; once retired, the stock slots held when it was retired
+    (its Redis sets are gone then, so this is what its remaining stock is counted from)."""
+
+    @property
+    def retired(self) -> bool:
+        return self.retired_reserved is not None
 
     @property
     def start_ms(self) -> int:
@@ -71,6 +78,8 @@ class Coupon:
 
     def to_meta(self) -> dict[str, str | int]:
         """The ``{coupon:ID}:meta`` hash."""
+        reserved = self.retired_reserved
+        retired = {} if reserved is None else {"retired_reserved": reserved}
         return {
             "id": self.id,
             "title": self.title,
@@ -81,6 +90,7 @@ class Coupon:
             "start_ms": self.start_ms,
             "end_ms": self.end_ms,
             "paused": int(self.paused),
+            **retired,
         }
 
     @classmethod
@@ -96,6 +106,7 @@ class Coupon:
             date_issue_start=from_ms(int(meta["start_ms"])),
             date_issue_end=from_ms(int(meta["end_ms"])),
             paused=meta.get("paused") == "1",
+            retired_reserved=_int_or_none(meta.get("retired_reserved")),
         )
 
     @classmethod
@@ -110,6 +121,7 @@ class Coupon:
             date_issue_start=row["date_issue_start"].replace(tzinfo=UTC),
             date_issue_end=row["date_issue_end"].replace(tzinfo=UTC),
             paused=bool(row["paused"]),
+            retired_reserved=_int_or_none(row.get("retired_reserved")),
         )
 
     def public(self) -> dict[str, Any]:
@@ -123,4 +135,9 @@ class Coupon:
             "date_issue_start": iso(self.date_issue_start),
             "date_issue_end": iso(self.date_issue_end),
             "paused": self.paused,
+            "retired": self.retired,
         }
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -131,6 +132,36 @@ def load_jwt_public_key(value: str, algorithm: str) -> rsa.RSAPublicKey | ec.Ell
     return key
 
 
+ADMIN_TOKEN_MIN_LENGTH = 16
+ACTOR_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+DEFAULT_ADMIN_ACTOR = "admin"
+"""The name the audit log records for a change made with ``COUPON_ADMIN_TOKEN``."""
+
+
+def parse_admin_tokens(raw: str) -> dict[str, str]:
+    """``COUPON_ADMIN_TOKENS``: comma-separated ``name:token`` pairs -> {token: name}. Names
+    and tokens are unique; a token is at least :data:`ADMIN_TOKEN_MIN_LENGTH` characters."""
+    actors: dict[str, str] = {}
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        name, sep, token = item.strip().partition(":")
+        if not sep or not ACTOR_NAME.fullmatch(name):
+            raise ConfigError(
+                "COUPON_ADMIN_TOKENS must be name:token pairs, names of 1 to 64 of"
+                " A-Z a-z 0-9 . _ @ -"
+            )
+        if len(token) < ADMIN_TOKEN_MIN_LENGTH or any(c.isspace() for c in token):
+            raise ConfigError(
+                f"COUPON_ADMIN_TOKENS: the token of {name!r} must be at least"
+                f" {ADMIN_TOKEN_MIN_LENGTH} characters, without spaces"
+            )
+        if name in actors.values() or token in actors:
+            raise ConfigError(f"COUPON_ADMIN_TOKENS: {name!r} or its token appears twice")
+        actors[token] = name
+    return actors
+
+
 def _default_consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -147,6 +178,8 @@ class Settings:
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     admin_token: str | None = dataclasses.field(default=None, repr=False)
+    admin_tokens: str | None = dataclasses.field(default=None, repr=False)
+    operator: str | None = None
     gateway_processes: int = 1
     workers: int = 2
     log_format: str = "auto"
@@ -178,6 +211,7 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     worker_metrics_port: int = 0
     worker_stuck_seconds: float = 60.0
+    retire_after_seconds: float = 86_400.0
 
     # Identity, admin listener and abuse limits (gateway)
     auth: str = "none"
@@ -204,8 +238,13 @@ class Settings:
         MySQLDsn.parse(self.mysql_url)
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("COUPON_REDIS_URL must start with redis://, rediss:// or unix://")
-        if self.admin_token is not None and len(self.admin_token) < 16:
-            raise ConfigError("COUPON_ADMIN_TOKEN must be at least 16 characters")
+        if self.admin_token is not None and len(self.admin_token) < ADMIN_TOKEN_MIN_LENGTH:
+            raise ConfigError(
+                f"COUPON_ADMIN_TOKEN must be at least {ADMIN_TOKEN_MIN_LENGTH} characters"
+            )
+        self.admin_actors  # noqa: B018 - parsed once here, so a bad value fails at start
+        if self.operator is not None and not ACTOR_NAME.fullmatch(self.operator):
+            raise ConfigError("COUPON_OPERATOR must be 1 to 64 of A-Z a-z 0-9 . _ @ -")
         if self.log_format not in ("auto", "json", "console"):
             raise ConfigError("COUPON_LOG_FORMAT must be auto, json or console")
         if self.log_level not in ("debug", "info", "warning", "error"):
@@ -240,6 +279,7 @@ class Settings:
             "COUPON_BODY_READ_TIMEOUT_SECONDS": (self.body_read_timeout_seconds, False),
             "COUPON_JWT_MAX_LIFETIME_SECONDS": (self.jwt_max_lifetime_seconds, False),
             "COUPON_WORKER_STUCK_SECONDS": (self.worker_stuck_seconds, False),
+            "COUPON_RETIRE_AFTER_SECONDS": (self.retire_after_seconds, True),
         }
         for name, (seconds, zero_ok) in durations.items():
             if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):
@@ -312,6 +352,17 @@ class Settings:
         if self.jwt_public_key is None:
             raise ConfigError(f"COUPON_AUTH=jwt with {algorithm} needs COUPON_JWT_PUBLIC_KEY")
         load_jwt_public_key(self.jwt_public_key, algorithm)
+
+    @property
+    def admin_actors(self) -> dict[str, str]:
+        """Admin bearer token -> the name the audit log records: every ``COUPON_ADMIN_TOKENS``
+        pair, and ``COUPON_ADMIN_TOKEN`` (if set) as :data:`DEFAULT_ADMIN_ACTOR`."""
+        actors = parse_admin_tokens(self.admin_tokens or "")
+        if self.admin_token is not None:
+            if self.admin_token in actors:
+                raise ConfigError("COUPON_ADMIN_TOKEN is also one of COUPON_ADMIN_TOKENS")
+            actors[self.admin_token] = DEFAULT_ADMIN_ACTOR
+        return actors
 
     @property
     def trusted_proxy_networks(self) -> tuple[IpNetwork, ...]:

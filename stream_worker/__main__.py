@@ -1,7 +1,9 @@
 """``python -m stream_worker`` / ``coupon-worker``: run one worker process.
 
 SIGTERM or SIGINT finishes the batch in hand, then exits 0. Beside the worker loop runs the
-stream monitor (per-coupon lag, pending and oldest-pending age gauges), except in burst mode.
+stream monitor (per-coupon lag, pending and oldest-pending age gauges), the heartbeat (the
+worker's member of ``coupons:workers``, removed at a clean stop) and the retirer (finished
+coupons leave Redis), except in burst mode.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from shared.redis import state as redis_state
 from shared.settings import ConfigError, Settings
 from shared.startup import exit_on_config_error, settings_or_exit
 from stream_worker.health import HealthListener
+from stream_worker.heartbeat import Heartbeat
 from stream_worker.monitor import StreamMonitor
+from stream_worker.retirer import Retirer
 from stream_worker.worker import Worker
 
 # How often the stream gauges are refreshed: a little faster than a typical scrape interval.
@@ -69,18 +73,38 @@ async def _serve(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
     stop_monitor = asyncio.Event()
-    monitor = None
+    background: list[asyncio.Task[None]] = []
     if not burst:
-        monitor = asyncio.create_task(
-            StreamMonitor(redis, interval=MONITOR_INTERVAL_SECONDS).run(stop_monitor),
-            name="stream-monitor",
+        background.append(
+            asyncio.create_task(
+                StreamMonitor(redis, interval=MONITOR_INTERVAL_SECONDS).run(stop_monitor),
+                name="stream-monitor",
+            )
         )
+        background.append(
+            asyncio.create_task(
+                Heartbeat(
+                    redis,
+                    worker.name,
+                    worker.seconds_since_turn,
+                    stuck_after_seconds=settings.worker_stuck_seconds,
+                ).run(stop_monitor),
+                name="worker-heartbeat",
+            )
+        )
+        retirer = Retirer(
+            redis,
+            pool,
+            after_seconds=settings.retire_after_seconds,
+            worker_name=worker.name,
+        )
+        background.append(asyncio.create_task(retirer.run(stop_monitor), name="retirer"))
     try:
         await worker.run(burst=burst)
     finally:
         stop_monitor.set()
-        if monitor is not None:
-            await monitor
+        # The heartbeat removes this worker's member before the client closes.
+        await asyncio.gather(*background)
         pool.close()
         await pool.wait_closed()
         await redis.aclose()

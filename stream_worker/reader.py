@@ -48,10 +48,14 @@ class StreamReader:
         self.next_discovery = 0.0
 
     async def discover(self) -> None:
-        """Pick up coupons created since the last look, without a restart."""
+        """Pick up coupons created since the last look, and let go of those no longer active
+        (retired), without a restart."""
         self.next_discovery = time.monotonic() + self._settings.discovery_interval_seconds
         try:
             ids = await self._redis.smembers(keys.ACTIVE_COUPONS)
+            active = {keys.CouponKeys(int(raw)).requests for raw in ids if id_or_none(str(raw))}
+            for stream in set(self._streams) - active:
+                log.info("stream_retired", coupon_id=self._streams.pop(stream))
             for raw in ids:
                 coupon_id = id_or_none(str(raw))
                 if coupon_id is None:  # only an operator with Redis access can write junk
@@ -85,6 +89,8 @@ class StreamReader:
                 block=self._settings.block_ms if block else None,
             )
         except (RedisError, OSError) as exc:
+            if "NOGROUP" in str(exc):  # a stream retired since the last look: look again
+                self.next_discovery = 0.0
             log.warning("read_failed", error=repr(exc))
             await self._pause(1.0)
             return []

@@ -27,6 +27,7 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests import invariants
+from tests.helpers import TEST_ACTOR
 from tests.servers import HOST, MYSQL_PASSWORD, MYSQL_USER, create_service_user, find_binary
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -95,7 +96,7 @@ async def pool(settings: Settings) -> AsyncIterator[aiomysql.Pool]:
     """A pool on empty tables."""
     pool = await create_pool(settings.mysql, maxsize=4)
     async with pool.acquire() as conn, conn.cursor() as cur:
-        for table in ("coupon_issues", "coupon_issue_dead_letters", "coupons"):
+        for table in ("coupon_issues", "coupon_issue_dead_letters", "coupons", "admin_audit"):
             await cur.execute(f"DELETE FROM {table}")
         await conn.commit()
     yield pool
@@ -137,7 +138,7 @@ def make_coupon(pool: aiomysql.Pool, redis: Redis) -> CouponFactory:
             date_issue_start=start or now - timedelta(minutes=1),
             date_issue_end=end or now + timedelta(hours=1),
         )
-        return await coupons.create_coupon(pool, redis, new)
+        return await coupons.create_coupon(pool, redis, new, actor=TEST_ACTOR)
 
     return make
 

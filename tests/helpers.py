@@ -17,6 +17,7 @@ import aiomysql
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from shared.ops.audit import Actor
 from shared.settings import Settings
 from stream_worker.worker import Worker
 from tests.servers import REPO, free_port, http_ok
@@ -26,6 +27,9 @@ ADMIN = {"Authorization": "Bearer test-admin-token-0123456789"}
 SUPERVISED_GATEWAYS = REPO / "deploy" / "supervisord" / "gateway.conf"
 VENV_BIN = Path(sys.executable).parent
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "code"}
+
+TEST_ACTOR = Actor("tests", "couponctl")
+"""Who the audit log records for changes the tests make through the operations directly."""
 
 
 async def drain(redis: Redis, pool: aiomysql.Pool, settings: Settings, **changes: Any) -> None:

@@ -27,7 +27,7 @@ from shared.ops import coupons
 from shared.ops.coupons import update_coupon
 from shared.redis import client as redis_client
 from shared.settings import Settings
-from tests.helpers import drain, issue, wait_for
+from tests.helpers import TEST_ACTOR, drain, issue, wait_for
 from tests.invariants import Checker
 from tests.servers import find_binary
 
@@ -140,7 +140,9 @@ async def test_top_up_reaches_the_gateway_through_cluster_pub_sub(
     coupon = await make_coupon_on(cluster_redis, total=1)
     assert (await issue(cluster_client, coupon.id, 1))[0] == 202
     assert (await issue(cluster_client, coupon.id, 2))[0] == 409  # sold out, flag cached
-    await update_coupon(pool, cluster_redis, coupon.id, CouponChange({"total_quantity": 2}))
+    await update_coupon(
+        pool, cluster_redis, coupon.id, CouponChange({"total_quantity": 2}), actor=TEST_ACTOR
+    )
 
     async def sells_again() -> bool:
         return (await issue(cluster_client, coupon.id, 2))[0] == 202
@@ -166,7 +168,7 @@ def make_coupon_on(pool: Any) -> Any:
             date_issue_start=now - timedelta(minutes=1),
             date_issue_end=now + timedelta(hours=1),
         )
-        return await coupons.create_coupon(pool, redis, new)
+        return await coupons.create_coupon(pool, redis, new, actor=TEST_ACTOR)
 
     return make
 

@@ -7,11 +7,16 @@ that rebuild, reconcile and the counters take from MySQL.
 
 from __future__ import annotations
 
+import dataclasses
+
 import aiomysql
 import pymysql
 
 from shared.coupon_requests import NewCoupon
 from shared.model import COUPON_TYPE, Coupon, utc_naive
+from shared.mysql import audit_log
+from shared.mysql.audit_log import AuditEntry
+from shared.mysql.issue_store import INSERT_DEAD_LETTERS
 from shared.mysql.pool import snapshot, transaction
 
 _DUPLICATE_KEY = 1062
@@ -19,14 +24,17 @@ _DUPLICATE_KEY = 1062
 IDEMPOTENCY_KEY_HOURS = 24
 
 
-async def insert_coupon(pool: aiomysql.Pool, new: NewCoupon) -> int:
-    """Insert a coupon row; returns its id."""
+async def insert_coupon(pool: aiomysql.Pool, new: NewCoupon, created: AuditEntry) -> int:
+    """Insert a coupon row and its audit record (``created``, whose coupon id is filled in);
+    returns its id."""
     async with transaction(pool) as cur:
-        return await _insert(cur, new)
+        coupon_id = await _insert(cur, new)
+        await _record(cur, created, coupon_id)
+        return coupon_id
 
 
 async def insert_coupon_once(
-    pool: aiomysql.Pool, new: NewCoupon, key: str
+    pool: aiomysql.Pool, new: NewCoupon, key: str, created: AuditEntry
 ) -> tuple[int, str | None]:
     """Insert a coupon row under an Idempotency-Key, in one transaction with the key's row.
 
@@ -47,6 +55,7 @@ async def insert_coupon_once(
             async with transaction(pool) as cur:
                 coupon_id = await _insert(cur, new)
                 await _claim_key(cur, key, new.fingerprint(), coupon_id)
+                await _record(cur, created, coupon_id)
                 return coupon_id, None
         except _KeyTaken:
             pass  # rolled back, this call's coupon row with it
@@ -97,14 +106,28 @@ async def _insert(cur: aiomysql.Cursor, new: NewCoupon) -> int:
     return int(cur.lastrowid)
 
 
-async def delete_coupon(pool: aiomysql.Pool, coupon_id: int) -> None:
+async def _record(cur: aiomysql.Cursor, entry: AuditEntry, coupon_id: int) -> None:
+    after = {"id": coupon_id, **entry.after} if isinstance(entry.after, dict) else entry.after
+    await audit_log.append(cur, dataclasses.replace(entry, coupon_id=coupon_id, after=after))
+
+
+async def delete_coupon(pool: aiomysql.Pool, coupon_id: int, undone: AuditEntry) -> None:
+    """Undo a creation (its Idempotency-Key goes with it); ``undone`` records why."""
     async with transaction(pool) as cur:
         await cur.execute("DELETE FROM coupons WHERE id = %s", (coupon_id,))
+        await audit_log.append(cur, undone)
+
+
+# A coupon row with what its retirement kept (NULL while it lives).
+_COUPON = (
+    "SELECT c.*, r.reserved AS retired_reserved FROM coupons c"
+    " LEFT JOIN coupon_retirements r ON r.coupon_id = c.id"
+)
 
 
 async def lock_coupon(cur: aiomysql.DictCursor, coupon_id: int) -> tuple[Coupon, int] | None:
     """Lock a coupon's row in the cursor's transaction: the coupon and its issued quantity."""
-    await cur.execute("SELECT * FROM coupons WHERE id = %s FOR UPDATE", (coupon_id,))
+    await cur.execute(f"{_COUPON} WHERE c.id = %s FOR UPDATE", (coupon_id,))
     row = await cur.fetchone()
     return None if row is None else (Coupon.from_row(row), int(row["issued_quantity"]))
 
@@ -127,7 +150,7 @@ async def update_coupon(cur: aiomysql.Cursor, coupon: Coupon) -> None:
 
 async def fetch_coupon(pool: aiomysql.Pool, coupon_id: int) -> Coupon | None:
     async with snapshot(pool, aiomysql.DictCursor) as cur:
-        await cur.execute("SELECT * FROM coupons WHERE id = %s", (coupon_id,))
+        await cur.execute(f"{_COUPON} WHERE c.id = %s", (coupon_id,))
         row = await cur.fetchone()
     return None if row is None else Coupon.from_row(row)
 
@@ -137,9 +160,7 @@ async def list_coupons(
 ) -> list[tuple[Coupon, int]]:
     """Coupons by id, a page at a time, each with its ``issued_quantity``."""
     async with snapshot(pool, aiomysql.DictCursor) as cur:
-        await cur.execute(
-            "SELECT * FROM coupons WHERE id > %s ORDER BY id LIMIT %s", (after_id, limit)
-        )
+        await cur.execute(f"{_COUPON} WHERE c.id > %s ORDER BY c.id LIMIT %s", (after_id, limit))
         rows = await cur.fetchall()
     return [(Coupon.from_row(row), int(row["issued_quantity"])) for row in rows]
 
@@ -208,3 +229,60 @@ async def recount_issued(pool: aiomysql.Pool, coupon_id: int) -> None:
             (coupon_id, coupon_id),
         )
 
+
+
+async def retire(
+    cur: aiomysql.Cursor,
+    coupon_id: int,
+    *,
+    requested: int,
+    reserved: int,
+    dead_letters: list[tuple[str, int | None, str]],
+) -> None:
+    """Record a coupon's retirement in the cursor's transaction, with the counters its Redis
+    state held and its dead letters ``(request id, user id, reason)`` (kept once each)."""
+    if dead_letters:
+        await cur.executemany(
+            INSERT_DEAD_LETTERS, [(coupon_id, *letter) for letter in dead_letters]
+        )
+    await cur.execute(
+        "INSERT INTO coupon_retirements (coupon_id, requested, reserved, dead_lettered)"
+        " VALUES (%s, %s, %s, %s)",
+        (coupon_id, requested, reserved, len(dead_letters)),
+    )
+
+
+async def retirement(pool: aiomysql.Pool, coupon_id: int) -> dict[str, int] | None:
+    """What a retired coupon's Redis state held (requested, reserved, dead_lettered); None
+    while it lives."""
+    async with snapshot(pool) as cur:
+        return await retirement_in(cur, coupon_id)
+
+
+async def retirement_in(cur: aiomysql.Cursor, coupon_id: int) -> dict[str, int] | None:
+    """:func:`retirement`, read in the cursor's transaction."""
+    await cur.execute(
+        "SELECT requested, reserved, dead_lettered FROM coupon_retirements WHERE coupon_id = %s",
+        (coupon_id,),
+    )
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    values = row.values() if isinstance(row, dict) else row
+    return dict(zip(("requested", "reserved", "dead_lettered"), map(int, values), strict=True))
+
+
+async def retired_outcome(pool: aiomysql.Pool, coupon_id: int, user_id: int) -> str | None:
+    """A user's outcome in a retired coupon, from MySQL alone: "issued" (a row), "failed"
+    (dead-lettered, no row) or None (never requested)."""
+    async with snapshot(pool) as cur:
+        await cur.execute(
+            "SELECT EXISTS (SELECT 1 FROM coupon_issues WHERE coupon_id = %s AND user_id = %s),"
+            " EXISTS (SELECT 1 FROM coupon_issue_dead_letters"
+            " WHERE coupon_id = %s AND user_id = %s)",
+            (coupon_id, user_id, coupon_id, user_id),
+        )
+        issued, failed = await cur.fetchone()
+    if issued:
+        return "issued"
+    return "failed" if failed else None

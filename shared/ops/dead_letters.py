@@ -20,6 +20,8 @@ from shared import keys
 from shared.errors import InvalidRequest
 from shared.mysql import issue_store
 from shared.mysql.issue_store import Entry, Malformed
+from shared.ops import audit
+from shared.ops.audit import Actor
 from shared.redis.scripts import Scripts
 from shared.redis.streams import StreamEntry, scan
 
@@ -58,9 +60,15 @@ async def list_dead(redis: Redis, coupon_id: int) -> list[dict[str, Any]]:
 
 
 async def replay(
-    redis: Redis, coupon_id: int, entry_ids: list[str] | None = None
+    pool: aiomysql.Pool,
+    redis: Redis,
+    coupon_id: int,
+    entry_ids: list[str] | None = None,
+    *,
+    actor: Actor,
 ) -> list[dict[str, Any]]:
-    """Re-queue dead letters (all of them, or those named); one result per letter."""
+    """Re-queue dead letters (all of them, or those named); one result per letter, and one
+    audit record of the letters queued."""
     k = keys.CouponKeys(coupon_id)
     scripts = Scripts(redis)
     results: list[dict[str, Any]] = []
@@ -87,11 +95,20 @@ async def replay(
         missing = set(entry_ids) - {r["entry_id"] for r in results}
         if missing:
             raise InvalidRequest(f"no such dead letter: {', '.join(sorted(missing))}")
+    queued = [r for r in results if r["result"] == "queued"]
+    if queued:
+        await audit.record(pool, actor, "dead_replay", coupon_id, after=audit.listed(queued))
     return results
 
 
 async def release_pending(
-    pool: aiomysql.Pool, redis: Redis, coupon_id: int, entry_id: str, reason: str = "operator"
+    pool: aiomysql.Pool,
+    redis: Redis,
+    coupon_id: int,
+    entry_id: str,
+    reason: str = "operator",
+    *,
+    actor: Actor,
 ) -> str:
     """Dead-letter one pending request now. Returns "issued" (its row was committed meanwhile),
     "dead_lettered", or "not_pending" (already settled, or not yet delivered: nothing done)."""
@@ -106,11 +123,26 @@ async def release_pending(
     if not pending:
         # Settled already, or not delivered yet: the worker decides those, not the operator.
         return "not_pending"
+    outcome = await _release(pool, redis, k, entry_id, fields, reason=reason)
+    if outcome != "not_pending":
+        after = {"entry_id": entry_id, "reason": reason, "result": outcome}
+        await audit.record(pool, actor, "dead_release", coupon_id, after=after)
+    return outcome
+
+
+async def _release(
+    pool: aiomysql.Pool,
+    redis: Redis,
+    k: keys.CouponKeys,
+    entry_id: str,
+    fields: Any,
+    *,
+    reason: str,
+) -> str:
     try:
-        entry: Entry | None = Entry.parse(coupon_id, entry_id, fields)
+        entry: Entry | None = Entry.parse(k.coupon_id, entry_id, fields)
     except Malformed:
         entry = None
-    scripts = Scripts(redis)
     if entry is not None:
         decided = await issue_store.dead_letter(pool, [entry], reason)
         if decided.already_issued:  # committed meanwhile: finish it as issued
@@ -120,7 +152,7 @@ async def release_pending(
                 await pipe.execute()
             return "issued"
     user = entry.user_id if entry is not None else StreamEntry(entry_id, fields).user_id
-    done = await scripts.release(coupon_id, entry_id, user, reason, 0)
+    done = await Scripts(redis).release(k.coupon_id, entry_id, user, reason, 0)
     return "dead_lettered" if done else "not_pending"
 
 

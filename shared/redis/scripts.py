@@ -31,6 +31,22 @@ class ReplayResult(enum.IntEnum):
     HOLDING = 1
     SOLD_OUT = 2
     STATE_MISSING = 3
+    RETIRED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """What ``retire.lua`` found: sealed (with the counters to keep) or why not."""
+
+    sealed: bool
+    state_missing: bool = False
+    end_ms: int = 0
+    """Too early: when the window ends (0 otherwise)."""
+    pending: int = 0
+    undelivered: bool = False
+    requested: int = 0
+    reserved: int = 0
+    dead_lettered: int = 0
 
 
 class UpdateStatus(enum.IntEnum):
@@ -39,6 +55,15 @@ class UpdateStatus(enum.IntEnum):
     STATE_MISSING = -1
     BELOW_RESERVED = 0
     APPLIED = 1
+
+
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+"""How often a stream worker refreshes its member of :data:`shared.keys.WORKERS` while its loop
+turns; a reader counts a worker alive when its last heartbeat is younger than
+:data:`HEARTBEAT_FRESH_SECONDS` (three intervals: one late or lost beat is not a death)."""
+HEARTBEAT_FRESH_SECONDS = 3 * HEARTBEAT_INTERVAL_SECONDS
+HEARTBEAT_KEEP_MS = 3_600_000
+"""``heartbeat.lua`` drops members silent for longer (workers killed without a clean stop)."""
 
 
 def _source(name: str) -> str:
@@ -73,6 +98,8 @@ class Scripts:
         self._release: AsyncScript = redis.register_script(_source("release.lua"))
         self._update: AsyncScript = redis.register_script(_source("update.lua"))
         self._replay: AsyncScript = redis.register_script(_source("replay.lua"))
+        self._retire: AsyncScript = redis.register_script(_source("retire.lua"))
+        self._heartbeat: AsyncScript = redis.register_script(_source("heartbeat.lua"))
 
     async def reserve(self, coupon_id: int, user_ids: list[int]) -> BatchOutcome:
         """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
@@ -135,6 +162,29 @@ class Scripts:
             args=[coupon_id, user_id, accepted_ms, source_id],
         )
         return ReplayResult(int(code)), _text(entry_id)
+
+    async def seal(self, coupon_id: int, after_end_ms: int) -> Seal:
+        """Seal a coupon for retirement if its window ended ``after_end_ms`` ago and every
+        accepted request is settled; idempotent."""
+        k = keys.CouponKeys(coupon_id)
+        raw: list[Any] = await self._retire(
+            keys=[k.meta, k.users, k.requests, k.dead, k.correction],
+            args=[after_end_ms, keys.GROUP],
+        )
+        code, values = int(raw[0]), [int(value) for value in raw[1:]]
+        if code == 0:
+            return Seal(sealed=False, state_missing=True)
+        if code == 1:
+            return Seal(sealed=False, end_ms=values[0])
+        if code == 2:
+            return Seal(sealed=False, pending=values[0], undelivered=bool(values[1]))
+        return Seal(True, requested=values[0], reserved=values[1], dead_lettered=values[2])
+
+    async def heartbeat(self, worker: str) -> int:
+        """Record that ``worker`` is alive now (Redis time, returned in ms); drop the members
+        silent for longer than :data:`HEARTBEAT_KEEP_MS`."""
+        now_ms = await self._heartbeat(keys=[keys.WORKERS], args=[worker, HEARTBEAT_KEEP_MS])
+        return int(now_ms)
 
 
 def _text(value: Any) -> str:

@@ -2,21 +2,26 @@
 
 - :func:`backlogs`: how far the workers are behind, per coupon (load shedding, the stream
   gauges and the admin counters all read it here);
+- :func:`balances`: where every accepted request stands (issued, pending, dead-lettered), per
+  coupon, for the ``coupon_requests_unaccounted`` gauge;
 - :func:`scan` and :func:`unsettled_ids`: whole streams in bounded pages, for the operator's
   tools (rebuild, reconcile, dead letters).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from shared import keys
 from shared.ids import entry_ms, entry_order, id_or_none
+from shared.redis.client import is_cluster
 
 PAGE = 1000
 
@@ -122,6 +127,77 @@ async def _first_undelivered(
         lag = int(group["lag"]) if group.get("lag") is not None else len(listed)
         found[coupon_id] = (lag, entry_ms(str(listed[0][0])) if listed else None)
     return found
+
+
+_BALANCE_LUA = (resources.files("shared.redis") / "lua" / "balance.lua").read_text("utf-8")
+_BALANCE_SHA = hashlib.sha1(_BALANCE_LUA.encode(), usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    """Where one coupon's accepted requests stand, all read at one moment (``balance.lua``)."""
+
+    accepted: int
+    """Entries ever added to the request stream (``XINFO STREAM`` entries-added)."""
+    issued: int
+    """Users marked issued (``SCARD {coupon:ID}:issued``; a user has at most one row)."""
+    pending: int
+    """Not yet delivered (the group's lag) plus delivered and not acknowledged."""
+    dead_lettered: int
+    """Entries of the dead-letter stream (``XLEN {coupon:ID}:dead``)."""
+    correction: int
+    """The coupon's correction counter (:attr:`shared.keys.CouponKeys.correction`)."""
+
+    @property
+    def unaccounted(self) -> int:
+        """Accepted requests that are neither issued, pending nor dead-lettered: 0 when
+        every one is accounted for; below 0 when something is counted twice."""
+        return self.accepted - self.issued - self.pending - self.dead_lettered - self.correction
+
+
+async def balances(redis: Redis, coupon_ids: list[int]) -> dict[int, Balance | None]:
+    """The :class:`Balance` of every coupon named, one script call per coupon (its keys share
+    a hash slot, so each call runs on one shard), all in one pipelined round trip; a second
+    one only after Redis lost its script cache. None where Redis cannot count the accepted
+    or the undelivered entries (before Redis 7.0, or after entries were deleted).
+
+    A cluster pipeline refuses EVALSHA (redis-py cannot know that every shard holds the
+    script), so on a cluster the script's text goes with each call (EVAL)."""
+    first = await _balance_calls(redis, coupon_ids, cached=not is_cluster(redis))
+    replies = dict(zip(coupon_ids, first, strict=True))
+    uncached = [cid for cid, reply in replies.items() if _noscript(reply)]
+    if uncached:
+        again = await _balance_calls(redis, uncached, cached=False)
+        replies.update(zip(uncached, again, strict=True))
+    found: dict[int, Balance | None] = {}
+    for coupon_id, reply in replies.items():
+        if isinstance(reply, Exception):
+            raise reply
+        accepted, lag, pending, issued, dead, correction = (int(value) for value in reply)
+        known = accepted >= 0 and lag >= 0
+        found[coupon_id] = (
+            Balance(accepted, issued, lag + pending, dead, correction) if known else None
+        )
+    return found
+
+
+async def _balance_calls(redis: Redis, coupon_ids: list[int], *, cached: bool) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for coupon_id in coupon_ids:
+            k = keys.CouponKeys(coupon_id)
+            names = (k.requests, k.issued, k.dead, k.correction)
+            if cached:
+                pipe.evalsha(_BALANCE_SHA, len(names), *names, keys.GROUP)
+            else:  # EVAL also puts the script back into the cache
+                pipe.eval(_BALANCE_LUA, len(names), *names, keys.GROUP)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+    return replies
+
+
+def _noscript(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,7 @@ from tests.bench import profile as bench_profile
 from tests.bench.client import fire
 from tests.bench.stack import Stack, stack
 from tests.bench.wrk import WRK_SCRIPT, wrk_json
-from tests.helpers import row_count
+from tests.helpers import TEST_ACTOR, row_count
 from tests.servers import REPO, find_binary
 
 # Under reports/, which git ignores, beside the load test's reports.
@@ -340,7 +340,7 @@ async def _new_coupon(pool: aiomysql.Pool, redis: Redis, title: str, total: int 
         date_issue_start=now - timedelta(minutes=1),
         date_issue_end=now + timedelta(days=1),
     )
-    return (await coupons.create_coupon(pool, redis, new)).id
+    return (await coupons.create_coupon(pool, redis, new, actor=TEST_ACTOR)).id
 
 
 async def _preload(redis: Redis, coupon_id: int, users: int) -> None:

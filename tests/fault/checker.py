@@ -106,10 +106,11 @@ async def check(
         )
     if stream_accounting:
         async_rows = sum(1 for request in snap.rows.values() if request is not None)
-        if snap.requested != async_rows + snap.pending + snap.dead_lettered:
+        placed = async_rows + snap.pending + snap.dead_lettered + snap.correction
+        if snap.requested != placed:
             v.append(
                 f"I5 entries={snap.requested} != rows {async_rows} + pending {snap.pending}"
-                f" + dead {snap.dead_lettered}"
+                f" + dead {snap.dead_lettered} + correction {snap.correction}"
             )
     if snap.issued_quantity != len(rows):
         v.append(f"I6 issued_quantity={snap.issued_quantity} but {len(rows)} rows")

@@ -45,6 +45,7 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests import servers
+from tests.helpers import TEST_ACTOR
 from tests.servers import HOST, REPO, free_port, log_tail
 
 ADMIN_TOKEN = "fault-admin-token-0123456789"
@@ -474,7 +475,7 @@ class Stack:
             date_issue_end=end,
         )
         async with self.mysql() as pool:
-            return await coupons.create_coupon(pool, self.redis, new)
+            return await coupons.create_coupon(pool, self.redis, new, actor=TEST_ACTOR)
 
     async def redis_now_ms(self) -> int:
         seconds, micros = await self.redis.time()

@@ -7,11 +7,13 @@
     couponctl coupon show ID
     couponctl coupon winners ID [--csv | --jsonl]
     couponctl coupon update ID [--title T] [--total N | --unlimited] [--start ISO] [--end ISO]
-    couponctl coupon pause ID | resume ID
+    couponctl coupon pause ID | resume ID | retire ID
     couponctl status ID [--interval S] [--count N]
+    couponctl preflight ID
     couponctl rebuild ID | --all
     couponctl reconcile [ID] [--repair] [--metrics-file PATH]
     couponctl dead list ID | replay ID [ENTRY...] | release ID ENTRY
+    couponctl audit [--coupon ID] [--after N] [--limit N]
 
 Human output by default, ``--json`` (before or after the command) for scripts. Errors print one
 line; the exit code says which kind (``shared/ops/cli/parser.py``, ``EXIT_CODES``).
@@ -45,12 +47,23 @@ from shared.mysql import coupon_rows
 from shared.mysql.issue_store import is_transient
 from shared.mysql.migrations import migrate
 from shared.mysql.pool import create_pool
-from shared.ops import coupons, dead_letters, rebuild, reconcile, winners
+from shared.ops import (
+    audit,
+    coupons,
+    dead_letters,
+    preflight,
+    rebuild,
+    reconcile,
+    retire,
+    winners,
+)
+from shared.ops.audit import Actor
 from shared.ops.cli import output
 from shared.ops.cli.parser import (
     EXIT_DRIFT,
     EXIT_FAILED,
     EXIT_NOT_FOUND,
+    EXIT_NOT_READY,
     EXIT_OK,
     EXIT_UNREACHABLE,
     build_parser,
@@ -79,6 +92,11 @@ async def _stores(settings: Settings) -> AsyncIterator[Stores]:
         pool.close()
         await pool.wait_closed()
         await redis.aclose()
+
+
+def _operator(settings: Settings) -> Actor:
+    """Who the audit log records for this run's changes (COUPON_OPERATOR, else the login)."""
+    return Actor.operator(settings.operator)
 
 
 def _moment(raw: str, option: str) -> datetime:
@@ -111,7 +129,9 @@ async def _create(settings: Settings, args: argparse.Namespace) -> Any:
         }
     )
     async with _stores(settings) as stores:
-        coupon, _ = await coupons.create_coupon_once(stores.pool, stores.redis, new, key)
+        coupon, _ = await coupons.create_coupon_once(
+            stores.pool, stores.redis, new, key, actor=_operator(settings)
+        )
         return coupon.public()
 
 
@@ -141,7 +161,10 @@ async def _winners(settings: Settings, args: argparse.Namespace) -> None:
 async def _change(settings: Settings, coupon_id: int, body: dict[str, Any]) -> Any:
     change = CouponChange.from_json(body)
     async with _stores(settings) as stores:
-        return (await coupons.update_coupon(stores.pool, stores.redis, coupon_id, change)).public()
+        updated = await coupons.update_coupon(
+            stores.pool, stores.redis, coupon_id, change, actor=_operator(settings)
+        )
+        return updated.public()
 
 
 async def _update(settings: Settings, args: argparse.Namespace) -> Any:
@@ -169,6 +192,14 @@ async def _resume(settings: Settings, args: argparse.Namespace) -> Any:
     return await _change(settings, args.coupon_id, {"paused": False})
 
 
+async def _retire(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        done = await retire.retire_coupon(
+            stores.pool, stores.redis, args.coupon_id, actor=_operator(settings)
+        )
+    return dataclasses.asdict(done)
+
+
 async def _status(settings: Settings, args: argparse.Namespace) -> None:
     """Refresh the counters every ``--interval`` seconds; the rate is issued rows per second."""
     if args.interval <= 0:
@@ -189,12 +220,29 @@ async def _status(settings: Settings, args: argparse.Namespace) -> None:
             await asyncio.sleep(args.interval)
 
 
+async def _preflight(settings: Settings, args: argparse.Namespace) -> None:
+    """Read-only; the report is printed whatever it says, and the exit code says "ready"."""
+    async with _stores(settings) as stores:
+        report = await preflight.preflight(stores.pool, stores.redis, args.coupon_id)
+    output.show_preflight(report.as_dict(), as_json=args.json)
+    if not report.ready:
+        raise NotReady(
+            f"preflight: coupon {args.coupon_id} is not ready ({', '.join(report.failed)} failed)"
+        )
+
+
 async def _rebuild(settings: Settings, args: argparse.Namespace) -> Any:
     async with _stores(settings) as stores:
         if args.all:
-            reports = await rebuild.rebuild_all(stores.pool, stores.redis)
+            reports = await rebuild.rebuild_all(
+                stores.pool, stores.redis, actor=_operator(settings)
+            )
         else:
-            reports = [await rebuild.rebuild_coupon(stores.pool, stores.redis, args.coupon_id)]
+            reports = [
+                await rebuild.rebuild_coupon(
+                    stores.pool, stores.redis, args.coupon_id, actor=_operator(settings)
+                )
+            ]
     return [dataclasses.asdict(report) for report in reports]
 
 
@@ -217,6 +265,7 @@ async def _reconcile(settings: Settings, args: argparse.Namespace) -> Any:
                         stores.redis,
                         coupon_id,
                         repair=args.repair,
+                        actor=_operator(settings),
                         progress=bar.update,
                     )
                 )
@@ -251,6 +300,13 @@ def _write_drift_metrics(path: str, drifts: list[reconcile.Drift]) -> None:
     write_to_textfile(path, registry)
 
 
+async def _audit(settings: Settings, args: argparse.Namespace) -> Any:
+    async with _stores(settings) as stores:
+        return await audit.entries(
+            stores.pool, coupon_id=args.coupon, after_id=args.after, limit=args.limit
+        )
+
+
 async def _dead_list(settings: Settings, args: argparse.Namespace) -> Any:
     async with _stores(settings) as stores:
         return await dead_letters.list_dead(stores.redis, args.coupon_id)
@@ -258,13 +314,19 @@ async def _dead_list(settings: Settings, args: argparse.Namespace) -> Any:
 
 async def _dead_replay(settings: Settings, args: argparse.Namespace) -> Any:
     async with _stores(settings) as stores:
-        return await dead_letters.replay(stores.redis, args.coupon_id, args.entry_ids or None)
+        return await dead_letters.replay(
+            stores.pool,
+            stores.redis,
+            args.coupon_id,
+            args.entry_ids or None,
+            actor=_operator(settings),
+        )
 
 
 async def _dead_release(settings: Settings, args: argparse.Namespace) -> Any:
     async with _stores(settings) as stores:
         outcome = await dead_letters.release_pending(
-            stores.pool, stores.redis, args.coupon_id, args.entry_id
+            stores.pool, stores.redis, args.coupon_id, args.entry_id, actor=_operator(settings)
         )
     return {"coupon_id": args.coupon_id, "entry_id": args.entry_id, "result": outcome}
 
@@ -278,17 +340,24 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
     ("coupon", "update"): _update,
     ("coupon", "pause"): _pause,
     ("coupon", "resume"): _resume,
+    ("coupon", "retire"): _retire,
     ("status", None): _status,
+    ("preflight", None): _preflight,
     ("rebuild", None): _rebuild,
     ("reconcile", None): _reconcile,
     ("dead", "list"): _dead_list,
     ("dead", "replay"): _dead_replay,
     ("dead", "release"): _dead_release,
+    ("audit", None): _audit,
 }
 
 
 class DriftFound(Exception):
     """``reconcile`` found drift and was not asked to repair it (exit code 3)."""
+
+
+class NotReady(Exception):
+    """``preflight`` found a check that failed: the drop cannot start (exit code 6)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except DriftFound as exc:
         print(f"couponctl: {exc} (run with --repair to fix it)", file=sys.stderr)
         return EXIT_DRIFT
+    except NotReady as exc:
+        print(f"couponctl: {exc}", file=sys.stderr)
+        return EXIT_NOT_READY
     except AppError as exc:
         print(f"couponctl: {exc}", file=sys.stderr)
         return {404: EXIT_NOT_FOUND, 503: EXIT_UNREACHABLE}.get(exc.status, EXIT_FAILED)

@@ -13,8 +13,10 @@ from shared.ops import reconcile
 LIST_COLUMNS = ("id", "title", "total_quantity", "issued_quantity", "paused")
 RECONCILE_COLUMNS = ("coupon_id", *reconcile.CLASSES, "repaired")
 DEAD_COLUMNS = ("entry_id", "source_id", "user_id", "reason", "deliveries", "user_status")
+AUDIT_COLUMNS = ("id", "at", "actor", "origin", "action", "coupon_id", "before", "after")
 COLUMNS: dict[tuple[str, str | None], tuple[str, ...]] = {
     ("coupon", "list"): LIST_COLUMNS,
+    ("audit", None): AUDIT_COLUMNS,
     ("reconcile", None): RECONCILE_COLUMNS,
     ("dead", "list"): DEAD_COLUMNS,
 }
@@ -22,6 +24,8 @@ STATUS_COLUMNS = ("requested", "issued", "pending", "dead_lettered", "remaining"
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, dict | list):  # the audit log's before and after: compact JSON
+        return orjson.dumps(value).decode()
     return "-" if value is None else str(value)
 
 
@@ -60,3 +64,23 @@ def show_status(row: dict[str, Any], *, json_lines: bool, first: bool) -> None:
         stamp = datetime.now(UTC).strftime("%H:%M:%S")
         print(_table_line((stamp, *(_cell(row[c]) for c in STATUS_COLUMNS))))
     sys.stdout.flush()
+
+
+PREFLIGHT_STATUS = {"ok": "ok", "warn": "warn", "fail": "FAIL"}
+
+
+def show_preflight(report: dict[str, Any], *, as_json: bool) -> None:
+    """One line per check (name, ok / warn / FAIL, detail), then the verdict."""
+    if as_json:
+        print_result(report, as_json=True)
+        return
+    checks = report["checks"]
+    width = max((len(check["name"]) for check in checks), default=0)
+    for check in checks:
+        status = PREFLIGHT_STATUS[check["status"]]
+        print(f"{check['name']:<{width}}  {status:<4}  {check['detail']}")
+    failed = [check["name"] for check in checks if check["status"] == "fail"]
+    if failed:
+        print(f"not ready: {', '.join(failed)} failed")
+    else:
+        print(f"ready: coupon {report['coupon_id']}'s drop can start")

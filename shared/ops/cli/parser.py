@@ -7,6 +7,7 @@ import importlib.metadata
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DRIFT, EXIT_NOT_FOUND, EXIT_UNREACHABLE = range(6)
+EXIT_NOT_READY = 6
 EXIT_CODES = {
     EXIT_OK: "done",
     EXIT_FAILED: "refused or failed (a bad value, a conflict, an unexpected error)",
@@ -14,6 +15,7 @@ EXIT_CODES = {
     EXIT_DRIFT: "reconcile found drift it was not asked to repair",
     EXIT_NOT_FOUND: "no such coupon (or dead letter, or request)",
     EXIT_UNREACHABLE: "Redis or MySQL cannot be reached",
+    EXIT_NOT_READY: "preflight: the drop is not ready",
 }
 DESCRIPTION = "couponctl: the operator's command line of the coupon drop service."
 EPILOG = "exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
@@ -37,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     for group in groups:
         for leaf in group.choices.values():
             _json_option(leaf)
-    for name in ("status", "rebuild", "reconcile"):
+    for name in ("status", "preflight", "rebuild", "reconcile", "audit"):
         _json_option(sub.choices[name])
     return parser
 
 
 def _coupon_commands(sub: Any) -> list[Any]:
-    """db and coupon, and status; returns the subcommand groups."""
+    """db and coupon, and status and preflight; returns the subcommand groups."""
 
     database = sub.add_parser("db", help="the MySQL schema").add_subparsers(
         dest="verb", required=True
@@ -82,13 +84,22 @@ def _coupon_commands(sub: Any) -> list[Any]:
     form = export.add_mutually_exclusive_group()
     form.add_argument("--csv", action="store_true", help="CSV with a header line (the default)")
     form.add_argument("--jsonl", action="store_true", help="one JSON object per line")
-    for verb, what in (("pause", "stop issuing until resumed"), ("resume", "issue again")):
+    for verb, what in (
+        ("pause", "stop issuing until resumed"),
+        ("resume", "issue again"),
+        ("retire", "free a finished coupon's Redis state now (refused while live or unsettled)"),
+    ):
         coupon.add_parser(verb, help=what).add_argument("coupon_id", type=int)
 
     status = sub.add_parser("status", help="a live view of one coupon's counters")
     status.add_argument("coupon_id", type=int)
     status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     status.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: never)")
+
+    preflight = sub.add_parser(
+        "preflight", help="before a drop: check everything it needs (exit 6: not ready)"
+    )
+    preflight.add_argument("coupon_id", type=int)
     return [database, coupon]
 
 
@@ -114,6 +125,10 @@ def _repair_commands(sub: Any) -> list[Any]:
     release = dead.add_parser("release", help="dead-letter a stuck pending request now")
     release.add_argument("coupon_id", type=int)
     release.add_argument("entry_id", metavar="ENTRY")
+    audit = sub.add_parser("audit", help="who changed what: the audit log, oldest first")
+    audit.add_argument("--coupon", type=int, help="one coupon's changes only")
+    audit.add_argument("--after", type=int, default=0, help="entries after this id")
+    audit.add_argument("--limit", type=int, default=100)
     return [dead]
 
 

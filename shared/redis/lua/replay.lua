@@ -13,11 +13,14 @@
 -- ARGV[4]  the dead letter's source entry id (kept as field `r`)
 --
 -- Returns {code, new entry id}: 0 queued, 1 the user already holds a slot (nothing to do),
--- 2 no stock left, 3 the coupon has no Redis state.
+-- 2 no stock left, 3 the coupon has no Redis state, 4 the coupon is retired (or being retired).
 
 local total = redis.call('HGET', KEYS[1], 'total')
 if not total then
     return {3, ''}
+end
+if redis.call('HEXISTS', KEYS[1], 'retired_reserved') == 1 then
+    return {4, ''}
 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[2]) == 1 then
     return {1, ''}

@@ -25,5 +25,8 @@ for i = 4, #ARGV do
     pairs[#pairs + 1] = ARGV[i]
 end
 redis.call('HSET', KEYS[1], unpack(pairs))
+-- The caller holds the coupon's MySQL row and found it not retired: a seal left by a
+-- retirement that did not reach MySQL is void.
+redis.call('HDEL', KEYS[1], 'retired_reserved')
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return {1, reserved}
