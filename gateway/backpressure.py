@@ -21,8 +21,8 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from shared import keys
 from shared.errors import Overloaded, PipelineBehind
+from shared.redis.coupon_state import active_coupon_ids
 from shared.redis.streams import Backlog, backlogs, redis_now_ms
 
 log = structlog.get_logger(__name__)
@@ -64,7 +64,7 @@ class PipelineHealth:
                 pass
 
     async def refresh(self) -> None:
-        ids = [int(raw) for raw in await self._redis.smembers(keys.ACTIVE_COUPONS)]
+        ids = await active_coupon_ids(self._redis)
         now_ms = await redis_now_ms(self._redis)
         behind: dict[int, str] = {}
         for coupon_id, backlog in (await backlogs(self._redis, ids)).items():

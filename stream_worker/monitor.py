@@ -64,6 +64,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys, metrics
+from shared.redis import client as redis_client
+from shared.redis.coupon_state import active_coupon_ids
 from shared.redis.streams import backlogs, balances, redis_now_ms
 
 log = structlog.get_logger(__name__)
@@ -148,7 +150,7 @@ class StreamMonitor:
 
     async def collect(self) -> list[StreamState]:
         """Measure once, publish the gauges, and return the measurements."""
-        coupon_ids = sorted(int(raw) for raw in await self._redis.smembers(keys.ACTIVE_COUPONS))
+        coupon_ids = await active_coupon_ids(self._redis)
         now_ms = await redis_now_ms(self._redis)
         waiting = await backlogs(self._redis, coupon_ids)
         stock = await self._remaining(coupon_ids)
@@ -176,10 +178,7 @@ class StreamMonitor:
     async def _measure_memory(self) -> None:
         """Redis's memory against its limit: under ``noeviction`` (which the service requires)
         a full Redis refuses every write, so every reservation would be a 503."""
-        info: Any = await self._redis.info("memory")
-        # One node answers a dict of fields; a cluster client, a dict of them per node.
-        per_node = bool(info) and all(isinstance(value, dict) for value in info.values())
-        nodes = list(info.values()) if per_node else [info]
+        nodes = await redis_client.info_per_node(self._redis, "memory")
         used = max(int(node.get("used_memory", 0)) for node in nodes)
         limit = max(int(node.get("maxmemory", 0)) for node in nodes)
         metrics.REDIS_USED_MEMORY_BYTES.set(used)

@@ -18,9 +18,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.ids import id_or_none
 from shared.redis import client as redis_client
-from shared.redis.coupon_state import ensure_group
+from shared.redis.coupon_state import active_coupon_ids, ensure_group
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -52,16 +51,13 @@ class StreamReader:
         (retired), without a restart."""
         self.next_discovery = time.monotonic() + self._settings.discovery_interval_seconds
         try:
-            ids = await self._redis.smembers(keys.ACTIVE_COUPONS)
-            active = {keys.CouponKeys(int(raw)).requests for raw in ids if id_or_none(str(raw))}
-            for stream in set(self._streams) - active:
+            active = {
+                keys.CouponKeys(coupon_id).requests: coupon_id
+                for coupon_id in await active_coupon_ids(self._redis)
+            }
+            for stream in set(self._streams) - set(active):
                 log.info("stream_retired", coupon_id=self._streams.pop(stream))
-            for raw in ids:
-                coupon_id = id_or_none(str(raw))
-                if coupon_id is None:  # only an operator with Redis access can write junk
-                    log.warning("active_coupon_ignored", member=str(raw)[:64])
-                    continue
-                stream = keys.CouponKeys(coupon_id).requests
+            for stream, coupon_id in active.items():
                 if stream not in self._streams:
                     await ensure_group(self._redis, coupon_id)
                     self._streams[stream] = coupon_id

@@ -17,9 +17,9 @@ from redis.exceptions import RedisError
 
 from shared import keys
 from shared.errors import AppError, Conflict
-from shared.ids import id_or_none
 from shared.ops.audit import Actor
 from shared.ops.retire import retire_coupon
+from shared.redis.coupon_state import active_coupon_ids
 from shared.redis.streams import redis_now_ms
 
 log = structlog.get_logger(__name__)
@@ -54,11 +54,7 @@ class Retirer:
 
     async def retire_due(self) -> list[int]:
         """Retire every coupon that is due; returns the ids retired by this call."""
-        ids = [
-            coupon_id
-            for raw in await self._redis.smembers(keys.ACTIVE_COUPONS)
-            if (coupon_id := id_or_none(str(raw))) is not None
-        ]
+        ids = await active_coupon_ids(self._redis)
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from gateway.app import create_app
 from shared import keys
+from shared.model import Coupon
 from shared.mysql import coupon_rows
 from shared.ops.cli.output import AUDIT_COLUMNS
 from shared.settings import ConfigError, Settings, parse_admin_tokens
@@ -111,11 +112,11 @@ async def test_each_admin_change_is_recorded_with_its_actor_and_values(
     status, _ = await issue(named_client, coupon_id, 7)
     assert status == 202
     await drain(redis, pool, settings)
-    coupon = await _coupon(pool, redis, coupon_id)
+    coupon = await _coupon(pool, coupon_id)
     await check_invariants(coupon, accepted={7}, rejected=set())
 
 
-async def _coupon(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> Any:
+async def _coupon(pool: aiomysql.Pool, coupon_id: int) -> Coupon:
     coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
     assert coupon is not None
     return coupon
@@ -242,7 +243,7 @@ async def test_couponctl_records_its_operator_for_every_kind_of_change(
     assert len(lines) == len(entries)
     assert '{"paused":true}' in lines[1]
 
-    coupon = await _coupon(pool, redis, coupon_id)
+    coupon = await _coupon(pool, coupon_id)
     await check_invariants(coupon, accepted={3}, rejected=set())
 
 

@@ -255,21 +255,18 @@ async def retire(
 async def retirement(pool: aiomysql.Pool, coupon_id: int) -> dict[str, int] | None:
     """What a retired coupon's Redis state held (requested, reserved, dead_lettered); None
     while it lives."""
-    async with snapshot(pool) as cur:
+    async with snapshot(pool, aiomysql.DictCursor) as cur:
         return await retirement_in(cur, coupon_id)
 
 
-async def retirement_in(cur: aiomysql.Cursor, coupon_id: int) -> dict[str, int] | None:
+async def retirement_in(cur: aiomysql.DictCursor, coupon_id: int) -> dict[str, int] | None:
     """:func:`retirement`, read in the cursor's transaction."""
     await cur.execute(
         "SELECT requested, reserved, dead_lettered FROM coupon_retirements WHERE coupon_id = %s",
         (coupon_id,),
     )
     row = await cur.fetchone()
-    if row is None:
-        return None
-    values = row.values() if isinstance(row, dict) else row
-    return dict(zip(("requested", "reserved", "dead_lettered"), map(int, values), strict=True))
+    return None if row is None else {name: int(value) for name, value in row.items()}
 
 
 async def retired_outcome(pool: aiomysql.Pool, coupon_id: int, user_id: int) -> str | None:

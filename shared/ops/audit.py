@@ -37,6 +37,10 @@ class Actor:
     name: str
     origin: str
 
+    def __post_init__(self) -> None:
+        if self.origin not in ORIGINS:
+            raise ValueError(f"an actor's origin is one of {ORIGINS}, not {self.origin!r}")
+
     @classmethod
     def operator(cls, configured: str | None) -> Actor:
         """couponctl's operator: ``COUPON_OPERATOR``, else the login name running it."""

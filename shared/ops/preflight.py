@@ -31,9 +31,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import keys
-from shared.errors import RedisStateLost
+from shared.errors import CouponNotFound, RedisStateLost
 from shared.model import Coupon
+from shared.mysql import coupon_rows
 from shared.ops import coupons
+from shared.redis import client as redis_client
 from shared.redis.coupon_state import load_snapshot
 from shared.redis.scripts import HEARTBEAT_FRESH_SECONDS
 from shared.redis.streams import redis_now_ms
@@ -103,46 +105,27 @@ async def preflight(pool: aiomysql.Pool, redis: Redis, coupon_id: int) -> Report
     Raises :class:`~shared.errors.CouponNotFound` when MySQL has no such coupon, and the
     stores' own errors when one cannot be reached: those are no findings about the drop.
     """
-    row = await coupons.show_coupon(pool, redis, coupon_id)
+    coupon = await coupon_rows.fetch_coupon(pool, coupon_id)
+    if coupon is None:
+        raise CouponNotFound(f"coupon {coupon_id} does not exist")
+    reserved = (await coupons.counters(pool, redis, coupon)).reserved
     now_ms = await redis_now_ms(redis)
-    state, snapshot = await _redis_state(redis, coupon_id, row)
+    state, snapshot = await _redis_state(redis, coupon)
     # The gateway judges by the Redis snapshot; without one, MySQL says what it would be.
-    judged = snapshot or _from_public(row)
-    remaining = (
-        None
-        if judged.total_quantity is None
-        else max(judged.total_quantity - int(row["reserved"]), 0)
-    )
+    judged = snapshot or coupon
+    total = judged.total_quantity
+    remaining = None if total is None else max(total - reserved, 0)
+    memory = await redis_client.info_per_node(redis, "memory")
     checks = (
-        await _durability(redis),
-        await _memory(redis, remaining),
+        await _durability(redis, memory),
+        _memory(memory, remaining),
         await _workers(redis, now_ms),
-        Check("mysql", OK, f"coupon {coupon_id} {row['title']!r} read from MySQL"),
+        Check("mysql", OK, f"coupon {coupon_id} {coupon.title!r} read from MySQL"),
         state,
         _window(judged, now_ms),
         _coupon(judged, remaining),
     )
     return Report(coupon_id, checks)
-
-
-def _from_public(row: dict[str, Any]) -> Coupon:
-    return Coupon(
-        id=int(row["id"]),
-        title=str(row["title"]),
-        total_quantity=row["total_quantity"],
-        discount_amount=int(row["discount_amount"]),
-        min_available_amount=int(row["min_available_amount"]),
-        date_issue_start=datetime.fromisoformat(row["date_issue_start"]),
-        date_issue_end=datetime.fromisoformat(row["date_issue_end"]),
-        paused=bool(row["paused"]),
-    )
-
-
-def _nodes(info: Any) -> list[dict[str, Any]]:
-    """INFO's fields per node: one node answers a dict of fields; a cluster client, a dict of
-    them per node (as in ``stream_worker/monitor.py``)."""
-    per_node = bool(info) and all(isinstance(value, dict) for value in info.values())
-    return list(info.values()) if per_node else [info]
 
 
 async def _fsync_policy(redis: Redis) -> str | None:
@@ -157,9 +140,8 @@ async def _fsync_policy(redis: Redis) -> str | None:
     return None if policy is None else str(policy)
 
 
-async def _durability(redis: Redis) -> Check:
-    persistence = _nodes(await redis.info("persistence"))
-    memory = _nodes(await redis.info("memory"))
+async def _durability(redis: Redis, memory: list[dict[str, Any]]) -> Check:
+    persistence = await redis_client.info_per_node(redis, "persistence")
     failures: list[str] = []
     warnings: list[str] = []
     if any(str(node.get("aof_enabled", "0")) != "1" for node in persistence):
@@ -193,8 +175,7 @@ async def _durability(redis: Redis) -> Check:
     return Check("redis_durability", OK, detail)
 
 
-async def _memory(redis: Redis, remaining: int | None) -> Check:
-    nodes = _nodes(await redis.info("memory"))
+def _memory(nodes: list[dict[str, Any]], remaining: int | None) -> Check:
     used = max(int(node.get("used_memory", 0)) for node in nodes)
     limits = [int(node.get("maxmemory", 0)) for node in nodes]
     bounded = [
@@ -261,10 +242,9 @@ async def _workers(redis: Redis, now_ms: int) -> Check:
     )
 
 
-async def _redis_state(
-    redis: Redis, coupon_id: int, row: dict[str, Any]
-) -> tuple[Check, Coupon | None]:
+async def _redis_state(redis: Redis, coupon: Coupon) -> tuple[Check, Coupon | None]:
     """The snapshot the gateways judge by, and whether the workers will read the stream."""
+    coupon_id = coupon.id
     try:
         snapshot = await load_snapshot(redis, coupon_id)
     except RedisStateLost:
@@ -280,7 +260,8 @@ async def _redis_state(
             FAIL,
             f"coupon {coupon_id} has no Redis snapshot: run couponctl rebuild {coupon_id}",
         ), None
-    differing = [field for field, value in snapshot.public().items() if row.get(field) != value]
+    stored = coupon.public()
+    differing = [field for field, value in snapshot.public().items() if stored[field] != value]
     if differing:
         return Check(
             "redis_state",

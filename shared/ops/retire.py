@@ -30,11 +30,11 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.errors import Conflict, CouponNotFound, RedisStateLost
-from shared.ids import id_or_none
 from shared.model import from_ms, iso
 from shared.mysql import audit_log, coupon_rows
 from shared.mysql.pool import transaction
 from shared.ops.audit import Actor
+from shared.ops.dead_letters import DeadLetter
 from shared.redis.scripts import Scripts, Seal
 from shared.redis.streams import scan
 
@@ -117,12 +117,9 @@ async def _dead_letters(redis: Redis, coupon_id: int) -> list[tuple[str, int | N
     """The dead stream's letters as MySQL keeps them: (request id, user id, reason)."""
     letters = []
     async for batch in scan(redis, keys.CouponKeys(coupon_id).dead):
-        for entry in batch:
-            original = entry.fields.get("source_id", "")
-            if original:
-                user = id_or_none(entry.fields.get("f_u", ""))
-                reason = entry.fields.get("reason", "")[:64] or "unknown"
-                letters.append((original, user, reason))
+        for letter in map(DeadLetter.from_entry, batch):
+            if letter.source_id:
+                letters.append((letter.source_id, letter.user_id, letter.reason[:64] or "unknown"))
     return letters
 
 

@@ -44,3 +44,11 @@ def connect(
 
 def is_cluster(redis: Redis) -> bool:
     return isinstance(redis, RedisCluster)
+
+
+async def info_per_node(redis: Redis, section: str) -> list[dict[str, Any]]:
+    """An INFO section's fields, one dict per node: a single Redis answers one dict of fields,
+    a cluster client a dict of them per node."""
+    info: Any = await redis.info(section)
+    per_node = bool(info) and all(isinstance(value, dict) for value in info.values())
+    return list(info.values()) if per_node else [info]

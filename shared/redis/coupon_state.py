@@ -8,12 +8,16 @@ and after a rebuild.
 
 from __future__ import annotations
 
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.errors import RedisStateLost
+from shared.ids import id_or_none
 from shared.model import Coupon
+
+log = structlog.get_logger(__name__)
 
 
 async def ensure_group(redis: Redis, coupon_id: int) -> None:
@@ -38,6 +42,19 @@ async def publish_state(redis: Redis, coupon: Coupon) -> None:
     await redis.sadd(keys.ACTIVE_COUPONS, coupon.id)
     await redis.hset(k.meta, mapping=coupon.to_meta())  # type: ignore[arg-type]
     await redis.publish(keys.CHANGES_CHANNEL, coupon.id)
+
+
+async def active_coupon_ids(redis: Redis) -> list[int]:
+    """The coupons in ``coupons:active``, in id order: those the workers read, the monitor
+    measures, the gateways shed by and the retirer looks at."""
+    ids = []
+    for raw in await redis.smembers(keys.ACTIVE_COUPONS):
+        coupon_id = id_or_none(str(raw))
+        if coupon_id is None:  # only an operator with Redis access can write junk
+            log.warning("active_coupon_ignored", member=str(raw)[:64])
+        else:
+            ids.append(coupon_id)
+    return sorted(ids)
 
 
 async def load_snapshot(redis: Redis, coupon_id: int) -> Coupon | None:
