@@ -23,6 +23,7 @@ from shared.mysql.coupon_rows import any_coupon
 from shared.mysql.pool import create_pool
 from shared.redis import client as redis_client
 from shared.redis import state as redis_state
+from shared.redis.replication import ReplicaWait
 from shared.redis.scripts import Scripts
 from shared.settings import Settings
 
@@ -31,16 +32,20 @@ log = structlog.get_logger(__name__)
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    redis = redis_client.connect(
-        settings.redis_url,
-        socket_timeout=settings.redis_timeout_seconds,
-        cluster=settings.redis_cluster,
-    )
+    redis = redis_client.for_settings(settings, socket_timeout=settings.redis_timeout_seconds)
     await redis.ping()
-    for warning in await redis_state.check_guarantees(redis):
+    for warning in await redis_state.check_guarantees(
+        redis, min_replicas=settings.redis_min_replicas
+    ):
         log.warning("redis_durability_weak", detail=warning)
     app[appkeys.REDIS] = redis
-    app[appkeys.SCRIPTS] = Scripts(redis)
+    replicas = ReplicaWait(
+        redis,
+        replicas=settings.redis_min_replicas,
+        timeout_ms=settings.redis_replica_timeout_ms,
+        path="reserve",
+    )
+    app[appkeys.SCRIPTS] = Scripts(redis, replicas)
     yield
     await redis.aclose()
 

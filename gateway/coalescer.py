@@ -29,6 +29,10 @@ class StateMissing(Exception):
     """Redis holds no state for the coupon."""
 
 
+class NotReplicated(Exception):
+    """Reserved on the primary, but its replicas did not confirm the call in time."""
+
+
 @dataclass(slots=True)
 class _Queue:
     waiting: list[_Waiter] = field(default_factory=list)
@@ -95,6 +99,8 @@ class Coalescer:
                 callback(coupon_id, outcome)
             if outcome.state_missing:
                 _settle(batch, error=StateMissing(coupon_id))
+            elif not outcome.replicated:
+                _settle_unconfirmed(batch, outcome.reservations)
             else:
                 _settle(batch, results=outcome.reservations)
                 if outcome.remaining == 0:
@@ -137,6 +143,18 @@ class Coalescer:
         """Wait for every in-flight call (graceful shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _settle_unconfirmed(batch: list[_Waiter], reservations: list[Reservation]) -> None:
+    """A call the replicas did not confirm: its acceptances are unknown, not 202s (a failover
+    now could lose them). Its rejections stand: they promise nothing that a failover breaks."""
+    for (_, future, _), reservation in zip(batch, reservations, strict=True):
+        if future.done():
+            continue
+        if reservation.result is IssueResult.ACCEPTED:
+            future.set_exception(NotReplicated(reservation.request_id))
+        else:
+            future.set_result(reservation)
 
 
 def _settle(

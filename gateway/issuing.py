@@ -7,7 +7,7 @@ import time
 from redis.exceptions import RedisError
 
 from gateway.backpressure import PipelineHealth, WaitAdmission
-from gateway.coalescer import Coalescer, StateMissing
+from gateway.coalescer import Coalescer, NotReplicated, StateMissing
 from gateway.snapshots import SnapshotCache
 from shared.errors import (
     AppError,
@@ -17,6 +17,7 @@ from shared.errors import (
     OutsideWindow,
     SoldOut,
     Unavailable,
+    Unconfirmed,
 )
 from shared.model import Coupon
 from shared.redis.scripts import BatchOutcome, IssueResult, Reservation
@@ -75,6 +76,12 @@ class Issuer:
         except StateMissing:
             self._snapshots.invalidate(coupon_id)
             raise Unavailable(f"coupon {coupon_id} has no state in Redis") from None
+        except NotReplicated:
+            raise Unconfirmed(
+                f"coupon {coupon_id} was reserved for user {user_id} on the Redis primary, but"
+                " no replica confirmed it in time; the outcome is unknown: GET"
+                f" /v1/coupons/{coupon_id}/issues/{user_id} tells it once settled"
+            ) from None
         except (RedisError, OSError, TimeoutError):
             raise Unavailable("Redis did not answer in time; the outcome is unknown") from None
         if reservation.result is IssueResult.ACCEPTED:

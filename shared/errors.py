@@ -150,6 +150,15 @@ class Unavailable(AppError):
     retry_after = 1
 
 
+class Unconfirmed(Unavailable):
+    """Reserved on the Redis primary, but fewer replicas than ``COUPON_REDIS_MIN_REPLICAS``
+    acknowledged it in time: a failover now could lose it, so it gets no 202. The outcome is
+    unknown; the status route tells it once settled."""
+
+    title = "The request was not confirmed by a Redis replica in time; the outcome is unknown"
+    outcome = "unconfirmed"
+
+
 class Overloaded(Unavailable):
     """This gateway process's reservation queue stands (requests wait past the target);
     nothing was reserved."""

@@ -44,6 +44,7 @@ ISSUE_OUTCOMES = (
     "invalid",
     "unavailable",
     "shed",
+    "unconfirmed",
     "rate_limited",
     "paused",
     "unauthorized",
@@ -86,6 +87,13 @@ RESERVE_BATCH_SIZE = Histogram(
     "coupon_reserve_batch_size",
     "Requests coalesced into one reservation script call.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+REPLICA_ACKS_MISSING = Counter(
+    "coupon_replica_acks_missing_total",
+    "Writes that fewer than COUPON_REDIS_MIN_REPLICAS replicas acknowledged in time (WAIT), by"
+    " path: reserve (the batch's accepted requests got 503 outcome unknown) or worker (the"
+    " entries were held back from MySQL until a replica had them).",
+    ["path"],
 )
 SNAPSHOT_LOOKUPS = Counter(
     "coupon_snapshot_lookups_total",
@@ -187,12 +195,14 @@ def init_gateway_series() -> None:
         ISSUE_REQUESTS.labels(outcome)
     for result in ("hit", "miss"):
         SNAPSHOT_LOOKUPS.labels(result)
+    REPLICA_ACKS_MISSING.labels("reserve")
 
 
 def init_worker_series() -> None:
     """Create every worker label series at 0."""
     for result in WORKER_RESULTS:
         WORKER_ENTRIES.labels(result)
+    REPLICA_ACKS_MISSING.labels("worker")
 
 
 def multiprocess_dir() -> str | None:

@@ -89,6 +89,18 @@ def flag(raw: str) -> bool:
     raise ValueError(raw)
 
 
+def parse_sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    """``COUPON_REDIS_SENTINELS``: comma-separated ``host:port`` pairs (IPv6 in brackets)."""
+    sentinels = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        host, _, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"COUPON_REDIS_SENTINELS: {item!r} is not host:port")
+        sentinels.append((host, int(port)))
+    return tuple(sentinels)
+
+
 def parse_networks(raw: str) -> tuple[IpNetwork, ...]:
     """``COUPON_TRUSTED_PROXIES``: comma-separated addresses or CIDRs (``10.0.0.0/8, ::1``)."""
     networks = []
@@ -174,6 +186,11 @@ class Settings:
     # (a traceback, a test failure) never shows a password or token.
     redis_url: str = dataclasses.field(default="redis://127.0.0.1:6380/0", repr=False)
     redis_cluster: bool = False
+    redis_sentinels: str = ""
+    redis_sentinel_master: str | None = None
+    redis_sentinel_password: str | None = dataclasses.field(default=None, repr=False)
+    redis_min_replicas: int = 0
+    redis_replica_timeout_ms: int = 250
     mysql_url: str = dataclasses.field(default="mysql://root:@127.0.0.1:3307/coupon", repr=False)
     http_host: str = "127.0.0.1"
     http_port: int = 8080
@@ -287,6 +304,29 @@ class Settings:
                 raise ConfigError(f"{name} must be a finite number of seconds, {bound}")
         self._check_shedding()
         self._check_security()
+        self._check_replication()
+
+    def _check_replication(self) -> None:
+        """Sentinel and replica acknowledgement (COUPON_REDIS_SENTINEL*, _MIN_REPLICAS)."""
+        sentinels = self.redis_sentinel_addresses
+        if sentinels and self.redis_cluster:
+            raise ConfigError("COUPON_REDIS_SENTINELS and COUPON_REDIS_CLUSTER exclude each other")
+        if sentinels and not self.redis_sentinel_master:
+            raise ConfigError("COUPON_REDIS_SENTINELS needs COUPON_REDIS_SENTINEL_MASTER")
+        if self.redis_sentinel_master and not sentinels:
+            raise ConfigError("COUPON_REDIS_SENTINEL_MASTER needs COUPON_REDIS_SENTINELS")
+        if self.redis_min_replicas < 0:
+            raise ConfigError("COUPON_REDIS_MIN_REPLICAS must be 0 (off) or more")
+        # WAIT must give up before the client stops listening, or every short answer from
+        # the replicas would arrive as a socket timeout instead of a counted "not in time".
+        if self.redis_replica_timeout_ms <= 0:
+            raise ConfigError("COUPON_REDIS_REPLICA_TIMEOUT_MS must be positive")
+        if self.redis_min_replicas and (
+            self.redis_replica_timeout_ms >= self.redis_timeout_seconds * 1000
+        ):
+            raise ConfigError(
+                "COUPON_REDIS_REPLICA_TIMEOUT_MS must be below COUPON_REDIS_TIMEOUT_SECONDS"
+            )
 
     def _check_shedding(self) -> None:
         """Load-shedding thresholds (COUPON_SHED_*) and the request log's sample; 0 turns a
@@ -365,6 +405,10 @@ class Settings:
         return actors
 
     @property
+    def redis_sentinel_addresses(self) -> tuple[tuple[str, int], ...]:
+        return parse_sentinels(self.redis_sentinels)
+
+    @property
     def trusted_proxy_networks(self) -> tuple[IpNetwork, ...]:
         return parse_networks(self.trusted_proxies)
 
@@ -411,8 +455,11 @@ class Settings:
 PREFIX = "COUPON_"
 
 # Read by ./scripts/run and ./scripts/scale-workers only (how many processes to supervise, how
-# the private Redis syncs its AOF); no process reads them, but they are no typo.
-RUN_SCRIPT_VARIABLES = frozenset({"COUPON_MAX_WORKERS", "COUPON_REDIS_APPENDFSYNC"})
+# the private Redis syncs its AOF, how many replicas it gets); no process reads them, but they
+# are no typo.
+RUN_SCRIPT_VARIABLES = frozenset(
+    {"COUPON_MAX_WORKERS", "COUPON_REDIS_APPENDFSYNC", "COUPON_REDIS_REPLICAS"}
+)
 
 _PARSERS: dict[str, Callable[[str], object]] = {
     "str": str,

@@ -56,14 +56,13 @@ async def _serve(
     listener: HealthListener | None,
     log: structlog.typing.FilteringBoundLogger,
 ) -> None:
-    redis = redis_client.connect(
-        settings.redis_url,
-        socket_timeout=settings.redis_socket_timeout_worker,
-        max_connections=8,
-        cluster=settings.redis_cluster,
+    redis = redis_client.for_settings(
+        settings, socket_timeout=settings.redis_socket_timeout_worker, max_connections=8
     )
     await redis.ping()
-    for warning in await redis_state.check_guarantees(redis):
+    for warning in await redis_state.check_guarantees(
+        redis, min_replicas=settings.redis_min_replicas
+    ):
         log.warning("redis_durability_weak", detail=warning)
     pool = await create_pool(settings.mysql, minsize=1, maxsize=2)
     worker = Worker(redis, pool, settings)

@@ -184,6 +184,8 @@ class Worker:
                 log.warning(
                     "entry_malformed", coupon_id=coupon_id, entry_id=entry_id, error=str(exc)
                 )
+        if self._reader.replicas.enabled:
+            entries = await self._replicated(entries)
         if not entries:
             return
         result = await self._commit(entries)
@@ -199,6 +201,41 @@ class Worker:
         if self._acking is not None:
             acking, self._acking = self._acking, None
             await acking
+
+    async def _replicated(self, entries: list[Entry]) -> list[Entry]:
+        """The entries the replicas hold, waited for (COUPON_REDIS_MIN_REPLICAS).
+
+        A row for an entry only the primary holds would outlive a failover that loses the
+        entry, its dedup slot and its stock count, and the stock would be sold again: more
+        rows than coupons. So nothing is written before the replicas confirm it; until then
+        the entries stay claimed here and the claim and its WAIT are retried, with back-off.
+        Entries the claim no longer finds (lost with a failed primary) are dropped: their
+        requests never got a 202, only an "outcome unknown" 503.
+        """
+        delay = 0.05
+        while True:
+            self._turned()
+            try:
+                claimed, confirmed = await self._reader.claim_replicated(
+                    [(e.coupon_id, e.entry_id) for e in entries]
+                )
+            except (RedisError, OSError) as exc:
+                claimed, confirmed = set(), False
+                log.warning("replica_check_failed", entries=len(entries), error=repr(exc))
+            else:
+                held = [e for e in entries if e.entry_id in claimed]
+                if confirmed:
+                    if len(held) < len(entries):
+                        # Acknowledged by another worker meanwhile, or lost with a primary.
+                        log.info("entries_no_longer_pending", count=len(entries) - len(held))
+                    return held
+                log.warning("replicas_behind", entries=len(entries), retry_in=delay)
+            if self._stopping.is_set() and delay >= self._settings.mysql_retry_max_seconds:
+                log.warning("batch_abandoned_at_shutdown", entries=len(entries))
+                self._gave_up = True
+                return []
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._settings.mysql_retry_max_seconds)
 
     async def _commit(self, entries: list[Entry]) -> BatchResult | None:
         """Write the batch, retrying transient MySQL failures until it lands or we stop.

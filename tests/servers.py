@@ -263,7 +263,8 @@ class Server:
 
 class RedisServer(Server):
     """A private redis-server: AOF on, ``noeviction`` (the service refuses an evicting Redis),
-    no RDB snapshots, loopback only; its data in ``workdir/redis``."""
+    no RDB snapshots, loopback only; its data in ``workdir/redis``. With ``replica_of`` (a
+    port on loopback) it starts as that server's replica."""
 
     def __init__(
         self,
@@ -272,6 +273,7 @@ class RedisServer(Server):
         appendfsync: str = "always",
         log_path: Path | None = None,
         die_with_parent: bool = False,
+        replica_of: int | None = None,
     ) -> None:
         port = free_port()
         self.data_dir = workdir / "redis"
@@ -290,6 +292,8 @@ class RedisServer(Server):
             "--protected-mode", "yes",
             "--loglevel", "warning",
         ]  # fmt: skip
+        if replica_of is not None:
+            command += ["--replicaof", HOST, str(replica_of)]
         super().__init__(
             f"redis:{port}",
             port,
@@ -316,6 +320,52 @@ class RedisServer(Server):
         """Remove its data (while it is stopped): the next start begins empty."""
         shutil.rmtree(self.data_dir)
         self.data_dir.mkdir()
+
+
+SENTINEL_MASTER = "coupon"
+SENTINEL_DOWN_AFTER_MS = 1000
+"""How long a primary must stay silent before the sentinels call it down: short, so a test's
+failover takes seconds (production uses the default 30 s or a few seconds)."""
+
+
+class SentinelServer(Server):
+    """``redis-server --sentinel`` watching the primary on ``primary_port`` as
+    :data:`SENTINEL_MASTER` (quorum 2, so three of them decide a failover). Its config file is
+    its own: a sentinel rewrites it with what it learns."""
+
+    def __init__(
+        self, workdir: Path, *, primary_port: int, quorum: int = 2, die_with_parent: bool = False
+    ) -> None:
+        port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / f"sentinel-{port}.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    f"port {port}",
+                    f"bind {HOST}",
+                    "daemonize no",
+                    f"dir {workdir}",
+                    f"sentinel monitor {SENTINEL_MASTER} {HOST} {primary_port} {quorum}",
+                    f"sentinel down-after-milliseconds {SENTINEL_MASTER} {SENTINEL_DOWN_AFTER_MS}",
+                    f"sentinel failover-timeout {SENTINEL_MASTER} 10000",
+                    f"sentinel parallel-syncs {SENTINEL_MASTER} 1",
+                    "",
+                ]
+            )
+        )
+        super().__init__(
+            f"sentinel:{port}",
+            port,
+            [find_binary("redis-server"), str(config), "--sentinel"],
+            workdir / f"sentinel-{port}.log",
+            timeout=REDIS_START_TIMEOUT,
+            die_with_parent=die_with_parent,
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
 
 
 def _pings(client: redis_sync.Redis) -> bool:

@@ -1,12 +1,94 @@
-"""Redis clients configured for this service: one Redis, or a Redis Cluster."""
+"""Redis clients configured for this service: one Redis, a primary found through Sentinel,
+or a Redis Cluster."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
+from redis.connection import parse_url
+
+from shared.settings import Settings
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """Sentinel's pool (each new connection asks the sentinels where the primary is) with the
+    blocking pool's wait for a free connection, as the plain client has."""
+
+
+def for_settings(settings: Settings, *, socket_timeout: float, max_connections: int = 64) -> Redis:
+    """The client a process's settings ask for: through Sentinel, to a Cluster, or plain."""
+    if settings.redis_sentinel_addresses:
+        assert settings.redis_sentinel_master is not None  # Settings checked it
+        return connect_sentinel(
+            settings.redis_sentinel_addresses,
+            settings.redis_sentinel_master,
+            url=settings.redis_url,
+            sentinel_password=settings.redis_sentinel_password,
+            socket_timeout=socket_timeout,
+            max_connections=max_connections,
+        )
+    return connect(
+        settings.redis_url,
+        socket_timeout=socket_timeout,
+        max_connections=max_connections,
+        cluster=settings.redis_cluster,
+    )
+
+
+def _options(socket_timeout: float, max_connections: int) -> dict[str, Any]:
+    return {
+        "decode_responses": True,
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), retries=0),
+        "max_connections": max_connections,
+        "health_check_interval": 0,
+    }
+
+
+def connect_sentinel(
+    sentinels: Sequence[tuple[str, int]],
+    master: str,
+    *,
+    url: str,
+    sentinel_password: str | None,
+    socket_timeout: float,
+    max_connections: int = 64,
+) -> Redis:
+    """A client of the primary the sentinels name for ``master``.
+
+    Every new connection asks the sentinels first, so after a promotion the client follows by
+    itself: connections to the dead primary fail (a 503 for the request on them), the next
+    ones go to the new primary, and one still open to an old primary that came back as a
+    replica is dropped at its first READONLY reply. ``url`` gives the data nodes' password,
+    user and database (its host and port are not used).
+    """
+    parts = parse_url(url)  # type: ignore[no-untyped-call]
+    data_node = {key: parts[key] for key in ("username", "password", "db") if key in parts}
+    sentinel_options = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), retries=0),
+        "decode_responses": True,
+        "password": sentinel_password,
+    }
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinels), sentinel_kwargs=sentinel_options
+    )
+    client = manager.master_for(
+        master,
+        redis_class=Redis,
+        connection_pool_class=_BlockingSentinelPool,
+        timeout=socket_timeout,
+        **_options(socket_timeout, max_connections),
+        **data_node,
+    )
+    return cast(Redis, client)
 
 
 def connect(
@@ -22,14 +104,7 @@ def connect(
     With ``cluster`` the URL names any node of a Redis Cluster; every key of one coupon shares
     a hash slot, so each script and transaction runs on one shard.
     """
-    options: dict[str, Any] = {
-        "decode_responses": True,
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
-        "retry": Retry(NoBackoff(), retries=0),
-        "max_connections": max_connections,
-        "health_check_interval": 0,
-    }
+    options = _options(socket_timeout, max_connections)
     if cluster:
         # RedisCluster offers the same command methods with the same signatures (it routes
         # each by its key), so the rest of the code is written against one interface.

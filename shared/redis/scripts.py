@@ -8,9 +8,12 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from shared import keys
+from shared.redis.replication import ReplicaWait
 
 
 class IssueResult(enum.IntEnum):
@@ -88,12 +91,21 @@ class BatchOutcome:
     redis_time_ms: int
     remaining: int | None
     reservations: list[Reservation]
+    replicated: bool = True
+    """The replicas COUPON_REDIS_MIN_REPLICAS asks for acknowledged the call's writes in time
+    (always true when it asks for none)."""
 
 
 class Scripts:
-    """The project's scripts bound to one Redis client (EVALSHA, loaded on first use)."""
+    """The project's scripts bound to one Redis client (EVALSHA, loaded on first use).
 
-    def __init__(self, redis: Redis) -> None:
+    With ``replicas`` (enabled), each reservation call is followed by its ``WAIT`` on the same
+    connection and its outcome says whether the replicas confirmed it.
+    """
+
+    def __init__(self, redis: Redis, replicas: ReplicaWait | None = None) -> None:
+        self._replicas = replicas
+        self._redis = redis
         self._issue: AsyncScript = redis.register_script(_source("issue.lua"))
         self._release: AsyncScript = redis.register_script(_source("release.lua"))
         self._update: AsyncScript = redis.register_script(_source("update.lua"))
@@ -104,18 +116,43 @@ class Scripts:
     async def reserve(self, coupon_id: int, user_ids: list[int]) -> BatchOutcome:
         """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
         k = keys.CouponKeys(coupon_id)
-        raw: list[Any] = await self._issue(
-            keys=[k.meta, k.users, k.requests, k.failed], args=[coupon_id, *user_ids]
-        )
+        script_keys = [k.meta, k.users, k.requests, k.failed]
+        args = [coupon_id, *user_ids]
+        replicated = True
+        raw: list[Any]
+        if self._replicas is not None and self._replicas.enabled:
+            raw, replicated = await self._replicated_call(self._issue, script_keys, args)
+        else:
+            raw = await self._issue(keys=script_keys, args=args)
         status, now_ms, remaining = int(raw[0]), int(raw[1]), int(raw[2])
         if status == 1:
-            return BatchOutcome(True, now_ms, None, [])
+            return BatchOutcome(True, now_ms, None, [], replicated)
         flat = raw[3:]
         reservations = [
             Reservation(IssueResult(int(flat[i])), _text(flat[i + 1]), now_ms)
             for i in range(0, len(flat), 2)
         ]
-        return BatchOutcome(False, now_ms, None if remaining < 0 else remaining, reservations)
+        remaining_or_none = None if remaining < 0 else remaining
+        return BatchOutcome(False, now_ms, remaining_or_none, reservations, replicated)
+
+    async def _replicated_call(
+        self, script: AsyncScript, script_keys: list[str], args: list[Any]
+    ) -> tuple[Any, bool]:
+        """EVALSHA and WAIT as one pipeline; a NOSCRIPT reply (a restarted or failed-over
+        Redis that has not seen the script) loads it and runs the call once more, which is
+        safe: a NOSCRIPT call ran nothing."""
+        replicas = self._replicas
+        assert replicas is not None
+
+        def queue(pipe: Pipeline) -> object:
+            return pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+
+        try:
+            done = await replicas.run(script_keys[0], queue)
+        except NoScriptError:
+            await self._redis.script_load(script.script)
+            done = await replicas.run(script_keys[0], queue)
+        return done.reply, done.confirmed
 
     async def release(
         self,

@@ -10,13 +10,16 @@ import structlog
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.redis.client import info_per_node
 from shared.settings import ConfigError
 
 log = structlog.get_logger(__name__)
 
 
-async def check_guarantees(redis: Redis) -> list[str]:
-    """Refuse a Redis that may evict keys; return warnings for weaker durability.
+async def check_guarantees(redis: Redis, *, min_replicas: int = 0) -> list[str]:
+    """Refuse a Redis that may evict keys; return warnings for weaker durability, and for a
+    primary with fewer replicas connected than ``min_replicas`` (every acceptance would be a
+    503 "outcome unknown" until they are back).
 
     Uses INFO rather than CONFIG GET, which managed Redis services often disable. An evicted
     dedup set or stream would resell coupons or lose accepted requests, so eviction is fatal;
@@ -34,6 +37,15 @@ async def check_guarantees(redis: Redis) -> list[str]:
     warnings = []
     if str(persistence.get("aof_enabled", "0")) != "1":
         warnings.append("Redis AOF is off: a Redis crash loses accepted requests (appendonly yes)")
+    if min_replicas:
+        for node in await info_per_node(redis, "replication"):
+            connected = int(node.get("connected_slaves", 0))
+            if node.get("role") == "master" and connected < min_replicas:
+                warnings.append(
+                    f"a Redis primary has {connected} replicas connected, fewer than"
+                    f" COUPON_REDIS_MIN_REPLICAS={min_replicas}: reservations get 503 until"
+                    " enough replicas are back"
+                )
     return warnings
 
 

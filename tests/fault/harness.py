@@ -45,6 +45,7 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.settings import Settings
 from tests import servers
+from tests.fault.link import HeldLink
 from tests.helpers import TEST_ACTOR
 from tests.servers import HOST, REPO, free_port, log_tail
 
@@ -204,8 +205,10 @@ def _log_file(path: Path) -> IO[str]:
 class RedisServer(ServiceProcess):
     """The private redis-server of :mod:`tests.servers`, restartable on the same data."""
 
-    def __init__(self, workdir: Path, *, appendfsync: str = "always") -> None:
-        self.server = servers.RedisServer(workdir, appendfsync=appendfsync)
+    def __init__(
+        self, workdir: Path, *, appendfsync: str = "always", replica_of: int | None = None
+    ) -> None:
+        self.server = servers.RedisServer(workdir, appendfsync=appendfsync, replica_of=replica_of)
         super().__init__(self.server.name, self.server.executor, self.server.log_path,
                          self.server.log)  # fmt: skip
 
@@ -224,6 +227,18 @@ class RedisServer(ServiceProcess):
         if empty:
             self.server.wipe()
         await self.start()
+
+
+class SentinelProcess(ServiceProcess):
+    """A ``redis-server --sentinel`` of :mod:`tests.servers` watching the stack's primary."""
+
+    def __init__(self, workdir: Path, *, primary_port: int) -> None:
+        self.server = servers.SentinelServer(workdir, primary_port=primary_port)
+        super().__init__(self.server.name, self.server.executor, self.server.log_path,
+                         self.server.log)  # fmt: skip
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.server.start)
 
 
 class MariaDBServer(ServiceProcess):
@@ -286,7 +301,12 @@ class Stack:
         self.settings = settings
         self.redis_server = redis_server
         self.mysql_server = mysql_server
-        self.redis = redis_client.connect(settings.redis_url, socket_timeout=5.0)
+        self.replicas: list[RedisServer] = []
+        self.links: list[HeldLink] = []
+        """The replicas' replication links, in the order of :attr:`replicas`."""
+        self.sentinels: list[SentinelProcess] = []
+        self.redis = redis_client.for_settings(settings, socket_timeout=5.0)
+        """Follows the primary through the sentinels when the stack has them."""
         self.services: list[ServiceProcess] = []
         self._names: set[str] = set()
         self.on_session_server = mysql_server is None
@@ -400,13 +420,16 @@ class Stack:
     async def close(self) -> list[str]:
         """Stop every process this stack started, then its servers; returns the problems."""
         problems = []
-        for service in [*reversed(self.services), self.redis_server, self.mysql_server]:
+        stores = [*self.sentinels, *self.replicas, self.redis_server, self.mysql_server]
+        for service in [*reversed(self.services), *stores]:
             if service is None:
                 continue
             try:
                 await service.close()
             except Exception as exc:  # keep stopping the others
                 problems.append(f"{service.name}: {exc!r}")
+        for link in self.links:
+            await link.close()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
         if self.on_session_server:
@@ -433,7 +456,8 @@ class Stack:
 
     def log_tails(self, lines: int = 25) -> str:
         parts = []
-        for service in [self.redis_server, self.mysql_server, *self.services]:
+        stores = [self.redis_server, *self.replicas, *self.sentinels, self.mysql_server]
+        for service in [*stores, *self.services]:
             if service is not None:
                 parts.append(f"--- {service.name} ({service.log_path})\n{service.log_tail(lines)}")
         return "\n".join(parts)
@@ -551,11 +575,28 @@ async def make_stack(
     *,
     session_mysql_url: str | None,
     appendfsync: str = "always",
+    replicas: int = 0,
     **changes: Any,
 ) -> Stack:
     """Start Redis (and, without ``session_mysql_url``, a private MariaDB); migrate a fresh
-    database. The caller owns the stack and must ``close()`` it."""
+    database. The caller owns the stack and must ``close()`` it.
+
+    With ``replicas``, the primary gets that many replicas and three sentinels watch them, and
+    every process of the stack (the stack's own client too) finds the primary through them.
+    Each replica replicates through a :class:`~tests.fault.link.HeldLink` of
+    :attr:`Stack.links`, which a test can hold to put it behind.
+    """
     redis_server = RedisServer(workdir, appendfsync=appendfsync)
+    if replicas:
+        sentinels = [
+            SentinelProcess(workdir / f"sentinel-{n}", primary_port=redis_server.server.port)
+            for n in range(3)
+        ]
+        changes = {
+            "redis_sentinels": ",".join(sentinel.server.address for sentinel in sentinels),
+            "redis_sentinel_master": servers.SENTINEL_MASTER,
+            **changes,
+        }
     mysql_server = None if session_mysql_url else MariaDBServer(workdir)
     database = f"coupon_fault_{uuid.uuid4().hex[:10]}"
     if mysql_server is None:
@@ -567,6 +608,8 @@ async def make_stack(
                   mysql_server)  # fmt: skip
     try:
         await redis_server.start()
+        if replicas:
+            await _start_replication(stack, replicas, sentinels)
         if mysql_server is not None:
             await mysql_server.start()
         await migrate(stack.settings.mysql)
@@ -574,3 +617,67 @@ async def make_stack(
         await stack.close()
         raise
     return stack
+
+
+async def _start_replication(stack: Stack, replicas: int, sentinels: list[SentinelProcess]) -> None:
+    """Replicas of the stack's primary, in sync, and three sentinels that see the primary,
+    every replica and one another (a failover needs a majority of them to agree)."""
+    primary_port = stack.redis_server.server.port
+    for n in range(replicas):
+        link = HeldLink(primary_port)
+        await link.start()
+        stack.links.append(link)
+        replica = RedisServer(stack.workdir / f"replica-{n}", replica_of=link.port)
+        stack.replicas.append(replica)
+        await replica.start()
+    for replica in stack.replicas:
+        await wait_until(
+            lambda r=replica: replica_in_sync(r), within=START_TIMEOUT, what="replica in sync"
+        )
+    for sentinel in sentinels:
+        stack.sentinels.append(sentinel)
+        await sentinel.start()
+
+    async def sentinels_ready() -> bool:
+        for sentinel in stack.sentinels:
+            client = redis_client.connect(f"redis://{sentinel.server.address}/0", socket_timeout=2)
+            try:
+                (state,) = [
+                    m for m in await client.execute_command("SENTINEL", "MASTERS")
+                    if m["name"] == servers.SENTINEL_MASTER
+                ]  # fmt: skip
+                if int(state["num-slaves"]) < replicas or int(state["num-other-sentinels"]) < 2:
+                    return False
+            finally:
+                await client.aclose()
+        return True
+
+    await wait_until(sentinels_ready, within=START_TIMEOUT, what="sentinels see the topology")
+
+
+async def replica_in_sync(replica: RedisServer) -> bool:
+    """The replica's link to its primary is up and it has finished the initial sync."""
+    client = redis_client.connect(replica.url, socket_timeout=2)
+    try:
+        info = await client.info("replication")
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+    finally:
+        await client.aclose()
+
+
+async def sentinel_primary(stack: Stack) -> int | None:
+    """The port of the primary the first answering sentinel names (None if none answers)."""
+    for sentinel in stack.sentinels:
+        if sentinel.paused or not sentinel.running:
+            continue
+        client = redis_client.connect(f"redis://{sentinel.server.address}/0", socket_timeout=1)
+        try:
+            address = await client.execute_command(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", servers.SENTINEL_MASTER
+            )
+            return int(address[1])
+        except (RedisError, OSError):
+            continue
+        finally:
+            await client.aclose()
+    return None

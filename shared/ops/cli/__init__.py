@@ -83,9 +83,7 @@ class Stores:
 @contextlib.asynccontextmanager
 async def _stores(settings: Settings) -> AsyncIterator[Stores]:
     pool = await create_pool(settings.mysql, maxsize=1)
-    redis = redis_client.connect(
-        settings.redis_url, socket_timeout=5.0, cluster=settings.redis_cluster
-    )
+    redis = redis_client.for_settings(settings, socket_timeout=5.0)
     try:
         yield Stores(pool, redis)
     finally:

@@ -1,0 +1,87 @@
+"""Acknowledging only what replicas hold: a write followed by ``WAIT`` on the connection that
+made it.
+
+Redis replicates asynchronously. A primary that dies takes with it what its replicas had not
+received, and Sentinel or the Cluster then promotes a replica that never saw those writes: a
+reservation answered 202 would be gone and its stock sold again. ``WAIT numreplicas timeout``
+blocks the calling connection until that many replicas acknowledged every write the
+connection made so far, and answers how many did. It counts per connection, so the write and
+its ``WAIT`` go out as one pipeline on one connection (on a Cluster, to the node that owns the
+key): one round trip, and no other client's writes in between can make it answer too early or
+too late.
+
+``WAITAOF`` (Redis 7.2) would also wait for the replicas' AOF fsync. It is not used: the Redis
+this project is built and tested on (Debian's 7.0) lacks it, and it never succeeds against
+replicas that run without AOF. ``WAIT`` closes the failover window, which is the loss that
+happens: a promoted replica holds every write it acknowledged in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+
+from shared import metrics
+from shared.redis.client import is_cluster
+
+
+@dataclass(frozen=True, slots=True)
+class Replicated:
+    """A write's reply and whether the replicas it had to reach acknowledged it in time."""
+
+    reply: Any
+    confirmed: bool
+    replicas: int
+    """How many replicas acknowledged (0 when none was asked for)."""
+
+
+class ReplicaWait:
+    """Runs one write and then ``WAIT replicas timeout_ms`` on the same connection.
+
+    With ``replicas`` 0 the write runs alone and counts as confirmed: the promise is then only
+    the primary's (and its AOF's).
+    """
+
+    def __init__(self, redis: Redis, *, replicas: int, timeout_ms: int, path: str) -> None:
+        self._redis = redis
+        self.replicas = replicas
+        self._timeout_ms = timeout_ms
+        self._cluster = is_cluster(redis)
+        self._short = metrics.REPLICA_ACKS_MISSING.labels(path)
+
+    @property
+    def enabled(self) -> bool:
+        return self.replicas > 0
+
+    async def run(self, key: str, queue: Callable[[Pipeline], object]) -> Replicated:
+        """Queue one command on a pipeline (``queue``), routed by ``key``; send it and the
+        ``WAIT`` together. Raises the command's own error; a ``WAIT`` that fails counts as
+        not confirmed (the write may still have happened: the outcome is unknown)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            queue(pipe)
+            if not self.enabled:
+                (reply,) = await pipe.execute()
+                return Replicated(reply, confirmed=True, replicas=0)
+            wait: tuple[Any, ...] = ("WAIT", self.replicas, self._timeout_ms)
+            if self._cluster:
+                node = cast(RedisCluster, self._redis).get_node_from_key(key)
+                pipe.execute_command(*wait, target_nodes=node)
+                # A redirection would send the command again on another node's connection,
+                # and WAIT on this one would then count nothing of it: MOVED stays an error.
+                reply, acked = await pipe.execute(  # type: ignore[call-arg]
+                    raise_on_error=False, allow_redirections=False
+                )
+            else:
+                pipe.execute_command(*wait)
+                reply, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(reply, Exception):
+            raise reply
+        replicas = acked if isinstance(acked, int) else 0
+        confirmed = replicas >= self.replicas
+        if not confirmed:
+            self._short.inc()
+        return Replicated(reply, confirmed=confirmed, replicas=replicas)

@@ -1,0 +1,110 @@
+"""F17 isolated old primary: the primary is frozen (SIGSTOP) under load until the sentinels
+promote a replica, then resumes, still believing it is the primary until the sentinels demote
+it. With ``COUPON_REDIS_MIN_REPLICAS=1`` it hands out no 202 that the new primary lacks: its
+replicas follow the new primary now, so a reservation it makes is confirmed by none.
+
+Besides the load through the gateway, the test reserves on the stale primary directly, the
+moment it resumes, with the gateway's own script and WAIT: that reservation must not count as
+confirmed (or must be refused outright, if the demotion came first). The same call without WAIT
+is reported too: it shows the 202 that ``COUPON_REDIS_MIN_REPLICAS=0`` would have given.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from redis.exceptions import RedisError
+
+from shared.redis import client as redis_client
+from shared.redis.replication import ReplicaWait
+from shared.redis.scripts import IssueResult, Scripts
+from tests.fault.checker import check
+from tests.fault.harness import RedisServer, Stack, sentinel_primary, wait_until
+from tests.fault.load import Kind, LoadClient
+
+RATE = 300
+STALE_USERS = (10_000_001, 10_000_002)
+
+
+async def _stale_reservation(
+    server: RedisServer, coupon_id: int, user_id: int, *, wait: bool
+) -> str:
+    """Reserve on the old primary directly: "confirmed", "unconfirmed" or "refused"."""
+    direct = redis_client.connect(server.url, socket_timeout=2.0)
+    replicas = ReplicaWait(direct, replicas=1 if wait else 0, timeout_ms=200, path="reserve")
+    try:
+        outcome = await Scripts(direct, replicas).reserve(coupon_id, [user_id])
+    except (RedisError, OSError) as exc:  # READONLY once demoted
+        return f"refused ({type(exc).__name__})"
+    finally:
+        await direct.aclose()
+    accepted = [r for r in outcome.reservations if r.result is IssueResult.ACCEPTED]
+    if not accepted:
+        return "rejected"
+    return "confirmed" if outcome.replicated else "unconfirmed"
+
+
+async def _promoted(stack: Stack) -> bool:
+    return await sentinel_primary(stack) in {replica.server.port for replica in stack.replicas}
+
+
+async def test_isolated_old_primary_hands_out_no_unreplicated_202(stacks, measure):
+    stack = await stacks(replicas=2, redis_min_replicas=1, redis_replica_timeout_ms=200)
+    gateway = await stack.start_gateway()
+    for slot in range(2):
+        await stack.start_worker(slot)
+    now = datetime.now(UTC)
+    coupon = await stack.create_coupon(
+        None, start=now - timedelta(minutes=1), end=now + timedelta(hours=1)
+    )
+    users = 5_000
+    clicks = [(coupon.id, user) for user in range(1, users + 1)]
+    old_primary = stack.redis_server
+    async with LoadClient(gateway.url) as client:
+        load = client.start(clicks, rate=RATE, within=users / RATE)
+        await client.wait_for_oks(150, within=30)
+
+        client.phase = "isolated"
+        old_primary.pause()
+        frozen = time.monotonic()
+        promoted_at = await wait_until(
+            lambda: _promoted(stack), within=60, what="a replica promoted"
+        )
+        client.phase = "stale_primary_back"
+        old_primary.resume()
+        with_wait = await _stale_reservation(old_primary, coupon.id, STALE_USERS[0], wait=True)
+        without_wait = await _stale_reservation(old_primary, coupon.id, STALE_USERS[1], wait=False)
+
+        client.phase = "after"
+        oks_before = sum(a.kind is Kind.OK for a in client.history.answers)
+        await client.wait_for_oks(oks_before + 50, within=60)
+        first_ok_after = min(
+            a.sent_at + a.latency
+            for a in client.history.answers
+            if a.kind is Kind.OK and a.sent_at >= frozen
+        )
+        await load
+    load_end = time.monotonic()
+    drained_at = await stack.wait_drained([coupon.id], within=120)
+
+    verdict = await check(stack, coupon, client.history)
+    line = measure(
+        verdict.line(
+            "F17 isolated old primary",
+            promotion=promoted_at - frozen,
+            downtime=first_ok_after - frozen,
+            recovery=drained_at - load_end,
+            stale_with_wait=with_wait.replace(" ", "_"),
+            stale_without_wait=without_wait.replace(" ", "_"),
+        )
+    )
+    assert not verdict.violations, f"{line}\n{verdict.violations}"
+    assert not verdict.lost, line
+    assert with_wait != "confirmed", line
+    # The direct reservations were never answered 202 to anyone, and must not have become rows
+    # on the new primary's side either: the stale primary's writes are discarded by its resync.
+    rows = await stack.sql(
+        "SELECT COUNT(*) FROM coupon_issues WHERE user_id IN (%s, %s)", STALE_USERS
+    )
+    assert rows[0][0] == 0, line
