@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared import metrics
 from shared.redis.scripts import BatchOutcome, IssueResult, Reservation, Scripts
@@ -88,8 +88,12 @@ class Coalescer:
             outcome = await asyncio.wait_for(
                 self._scripts.reserve(coupon_id, [user for user, _, _ in batch]), self._timeout
             )
-        except (RedisError, TimeoutError, OSError) as exc:
+        except (RedisError, RedisClusterException, TimeoutError, OSError) as exc:
             log.warning("reserve_failed", coupon_id=coupon_id, batch=len(batch), error=repr(exc))
+            _settle(batch, error=exc)
+        except Exception as exc:
+            # Whatever else went wrong, no request of the batch may be left waiting forever.
+            log.exception("reserve_crashed", coupon_id=coupon_id, batch=len(batch))
             _settle(batch, error=exc)
         else:
             metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer, NotReplicated, StateMissing
@@ -82,7 +82,7 @@ class Issuer:
                 " no replica confirmed it in time; the outcome is unknown: GET"
                 f" /v1/coupons/{coupon_id}/issues/{user_id} tells it once settled"
             ) from None
-        except (RedisError, OSError, TimeoutError):
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
             raise Unavailable("Redis did not answer in time; the outcome is unknown") from None
         if reservation.result is IssueResult.ACCEPTED:
             return reservation

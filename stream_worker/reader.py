@@ -20,7 +20,6 @@ from redis.exceptions import RedisError
 from shared import keys
 from shared.redis import client as redis_client
 from shared.redis.coupon_state import active_coupon_ids, ensure_group
-from shared.redis.replication import ReplicaWait
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -44,12 +43,6 @@ class StreamReader:
         self.name = settings.worker_name
         self._streams: dict[str, int] = {}
         self._cluster = redis_client.is_cluster(redis)
-        self.replicas = ReplicaWait(
-            redis,
-            replicas=settings.redis_min_replicas,
-            timeout_ms=settings.redis_replica_timeout_ms,
-            path="worker",
-        )
         self._rotation = 0
         self.next_discovery = 0.0
 
@@ -170,32 +163,6 @@ class StreamReader:
                 await self._redis.xclaim(stream, keys.GROUP, self.name, 0, ids, justid=True)
         except (RedisError, OSError) as exc:
             log.warning("keep_claimed_failed", error=repr(exc))
-
-    async def claim_replicated(self, held: Sequence[tuple[int, str]]) -> tuple[set[str], bool]:
-        """Claim the entries for this consumer again (JUSTID: no delivery counted) and WAIT
-        until the replicas hold them; (the entry ids still pending to claim, whether the
-        replicas confirmed all of them).
-
-        The claim is a write on the connection that then WAITs, and the replication stream
-        keeps order, so a replica that acknowledged the claim holds each claimed entry's
-        XADD too. An entry that is no longer there (a failover lost it with the primary that
-        accepted it) is not claimed, and must not become a row: only the claimed ids do.
-        """
-        by_stream: dict[str, list[str]] = {}
-        for coupon_id, entry_id in held:
-            by_stream.setdefault(keys.CouponKeys(coupon_id).requests, []).append(entry_id)
-        claimed: set[str] = set()
-        confirmed = True
-        for stream, ids in by_stream.items():
-            done = await self.replicas.run(
-                stream,
-                lambda pipe, s=stream, i=ids: pipe.xclaim(  # type: ignore[misc]
-                    s, keys.GROUP, self.name, 0, i, justid=True
-                ),
-            )
-            claimed.update(str(entry_id) for entry_id in done.reply)
-            confirmed = confirmed and done.confirmed
-        return claimed, confirmed
 
     async def _delivery_counts(
         self, stream: str, claimed: Sequence[tuple[str, Any]]

@@ -18,12 +18,13 @@ from typing import Any
 import aiomysql
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared import keys, metrics
 from shared.ids import id_or_none
 from shared.mysql import issue_store
 from shared.mysql.issue_store import BatchResult, Entry, Malformed
+from shared.redis.replication import ReplicaWait
 from shared.redis.scripts import Scripts
 from shared.settings import Settings
 from stream_worker.reader import Delivered, StreamReader
@@ -38,7 +39,13 @@ class Worker:
         self._redis = redis
         self._pool = pool
         self._settings = settings
-        self._scripts = Scripts(redis)
+        self._replicas = ReplicaWait(
+            redis,
+            replicas=settings.redis_min_replicas,
+            timeout_ms=settings.redis_replica_timeout_ms,
+            path="worker",
+        )
+        self._scripts = Scripts(redis, self._replicas)
         self.name = settings.worker_name
         self._stopping = asyncio.Event()
         self._reader = StreamReader(redis, settings, self._stopping)
@@ -184,7 +191,7 @@ class Worker:
                 log.warning(
                     "entry_malformed", coupon_id=coupon_id, entry_id=entry_id, error=str(exc)
                 )
-        if self._reader.replicas.enabled:
+        if self._replicas.enabled:
             entries = await self._replicated(entries)
         if not entries:
             return
@@ -209,17 +216,17 @@ class Worker:
         entry, its dedup slot and its stock count, and the stock would be sold again: more
         rows than coupons. So nothing is written before the replicas confirm it; until then
         the entries stay claimed here and the claim and its WAIT are retried, with back-off.
-        Entries the claim no longer finds (lost with a failed primary) are dropped: their
-        requests never got a 202, only an "outcome unknown" 503.
+        Entries the claim no longer finds as they were read (lost with a failed primary, or
+        their id given to another request by the new one) are dropped: their requests never
+        got a 202, only an "outcome unknown" 503, and whatever holds their id now is read
+        afresh.
         """
         delay = 0.05
         while True:
             self._turned()
             try:
-                claimed, confirmed = await self._reader.claim_replicated(
-                    [(e.coupon_id, e.entry_id) for e in entries]
-                )
-            except (RedisError, OSError) as exc:
+                claimed, confirmed = await self._claim_replicated(entries)
+            except (RedisError, RedisClusterException, OSError) as exc:
                 claimed, confirmed = set(), False
                 log.warning("replica_check_failed", entries=len(entries), error=repr(exc))
             else:
@@ -236,6 +243,20 @@ class Worker:
                 return []
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._settings.mysql_retry_max_seconds)
+
+    async def _claim_replicated(self, entries: list[Entry]) -> tuple[set[str], bool]:
+        """Re-claim the entries, per coupon, as the very requests read (``claim.lua``), and
+        WAIT; (the ids still pending as read, whether the replicas confirmed every call)."""
+        by_coupon: dict[int, list[tuple[str, int]]] = {}
+        for entry in entries:
+            by_coupon.setdefault(entry.coupon_id, []).append((entry.entry_id, entry.user_id))
+        claimed: set[str] = set()
+        confirmed = True
+        for coupon_id, held in by_coupon.items():
+            ids, done = await self._scripts.claim_replicated(coupon_id, self.name, held)
+            claimed |= ids
+            confirmed = confirmed and done
+        return claimed, confirmed
 
     async def _commit(self, entries: list[Entry]) -> BatchResult | None:
         """Write the batch, retrying transient MySQL failures until it lands or we stop.

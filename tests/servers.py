@@ -45,6 +45,9 @@ SERVICE_USER_TEMPLATE = REPO / "deploy" / "mysql" / "initdb.d" / "service-user.s
 MYSQL_USER, MYSQL_PASSWORD = "coupon", "coupon-test-password"
 TEST_DATABASES = "coupon\\_%"
 REDIS_START_TIMEOUT = 30.0
+CLUSTER_NODE_TIMEOUT_MS = 1000
+"""How long a cluster master may stay silent before its replica takes over (tests only; the
+default is 15 s)."""
 # Also how long a stop may take before SIGKILL; a crash recovery takes longer than Redis's.
 MARIADB_START_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
@@ -264,7 +267,8 @@ class Server:
 class RedisServer(Server):
     """A private redis-server: AOF on, ``noeviction`` (the service refuses an evicting Redis),
     no RDB snapshots, loopback only; its data in ``workdir/redis``. With ``replica_of`` (a
-    port on loopback) it starts as that server's replica."""
+    port on loopback) it starts as that server's replica; with ``cluster`` as a Redis Cluster
+    node (its ``nodes.conf`` in the data folder, so a restart rejoins)."""
 
     def __init__(
         self,
@@ -274,6 +278,7 @@ class RedisServer(Server):
         log_path: Path | None = None,
         die_with_parent: bool = False,
         replica_of: int | None = None,
+        cluster: bool = False,
     ) -> None:
         port = free_port()
         self.data_dir = workdir / "redis"
@@ -294,6 +299,14 @@ class RedisServer(Server):
         ]  # fmt: skip
         if replica_of is not None:
             command += ["--replicaof", HOST, str(replica_of)]
+        if cluster:
+            # The bus port would default to port + 10000, which may be taken: a free one too.
+            command += [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(free_port()),
+                "--cluster-node-timeout", str(CLUSTER_NODE_TIMEOUT_MS),
+            ]  # fmt: skip
         super().__init__(
             f"redis:{port}",
             port,

@@ -7,6 +7,8 @@ Settings, every image is pinned, and the Kubernetes manifests validate against t
 schemas bundled in the kubernetes-validate package (offline). Two pieces do run for real: the
 compose Redis command line with redis.conf in a real redis-server, and the MariaDB service-account
 script against the test MariaDB, whose account must then be able to migrate and do nothing more.
+scripts/run is run in a copy up to its supervisord (a stand-in): the programs and environment it
+sets up, and what it refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import re
 import secrets
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -1038,3 +1041,156 @@ def test_production_settings_are_the_readmes_production_advice() -> None:
     assert annotations["prometheus.io/port"] == str(settings.admin_port)
     # The probes stay on the public port, which keeps /healthz and /readyz.
     assert _probe(container, "readinessProbe") == ("/readyz", settings.http_port)
+
+
+# --------------------------------------------------------------------------------------------
+# ./scripts/run, up to the start of its supervisord (a stand-in that records its environment)
+
+RUN_SCRIPT = REPO / "scripts" / "run"
+STAND_IN = """#!/bin/sh
+# supervisord -c CONF: record what its programs would inherit, then exit (the script stops).
+env >"$(dirname "$2")/supervisord.env"
+"""
+
+
+def _run_script(tmp_path: Path, **variables: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """scripts/run copied into ``tmp_path`` (its .run/ is there) with a stand-in supervisord and
+    an external MySQL, so it starts no server: nothing of the checkout's .run/ is touched."""
+    (tmp_path / "scripts" / "lib").mkdir(parents=True)
+    for part in ("run", "lib/bootstrap.sh"):
+        copy = tmp_path / "scripts" / part
+        copy.write_text((REPO / "scripts" / part).read_text(encoding="utf-8"), encoding="utf-8")
+        copy.chmod(0o755)
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to(os.path.realpath(sys.executable))
+    (venv / "supervisord").write_text(STAND_IN, encoding="utf-8")
+    (venv / "supervisord").chmod(0o755)
+    (tmp_path / ".venv" / ".installed").write_text("test,run\n", encoding="utf-8")
+    # ensure_system_packages wants curl; a stand-in keeps it from calling apt-get where none is.
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    (stubs / "curl").write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
+    (stubs / "curl").chmod(0o755)
+    env = {
+        "PATH": f"{os.environ['PATH']}:{stubs}",
+        "HOME": str(tmp_path),
+        "COUPON_MYSQL_URL": "mysql://coupon:secret@127.0.0.1:1/coupon",
+        **variables,
+    }
+    done = subprocess.run(
+        [str(tmp_path / "scripts" / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done, tmp_path / ".run"
+
+
+def _supervisor_programs(run: Path) -> dict[str, configparser.SectionProxy]:
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(run / "supervisord.conf", encoding="utf-8")
+    return {
+        name.removeprefix("program:"): config[name]
+        for name in config.sections()
+        if name.startswith("program:")
+    }
+
+
+def _recorded_env(run: Path) -> dict[str, str]:
+    lines = (run / "supervisord.env").read_text(encoding="utf-8").splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def test_run_script_with_replicas_starts_replicas_and_sentinels_and_points_at_them(
+    tmp_path: Path,
+) -> None:
+    done, run = _run_script(tmp_path, COUPON_REDIS_REPLICAS="2")
+    assert "supervisord exited" in done.stderr, done.stderr  # the stand-in, as intended
+    programs = _supervisor_programs(run)
+    assert {"redis", "redis-replica-1", "redis-replica-2"} <= set(programs)
+    assert {name for name in programs if name.startswith("sentinel-")} == {
+        "sentinel-1",
+        "sentinel-2",
+        "sentinel-3",
+    }
+    assert "mariadb" not in programs  # COUPON_MYSQL_URL: an external one
+    primary = programs["redis"]["command"].split()
+    password = (run / "redis-password").read_text(encoding="utf-8").strip()
+    for number, port in ((1, 6381), (2, 6382)):
+        replica = programs[f"redis-replica-{number}"]
+        argv = replica["command"].split()
+        assert argv[argv.index("--port") + 1] == str(port)
+        assert argv[argv.index("--replicaof") + 1 : argv.index("--replicaof") + 3] == [
+            "127.0.0.1",
+            "6380",
+        ]
+        assert argv[argv.index("--dir") + 1] == str(run / f"redis-replica-{number}")
+        # The primary's durability flags, and its password both ways (requirepass, masterauth).
+        assert argv[argv.index("--appendonly") :] == primary[primary.index("--appendonly") :]
+        conf = Path(argv[1]).read_text(encoding="utf-8").split()
+        assert conf == ["requirepass", password, "masterauth", password]
+        assert int(replica["priority"]) < int(programs["sentinel-1"]["priority"])
+    assert "masterauth" in (run / "redis.conf").read_text(encoding="utf-8")
+    sentinel_ports = []
+    for number in (1, 2, 3):
+        argv = programs[f"sentinel-{number}"]["command"].split()
+        assert argv[2:] == ["--sentinel"]
+        lines = Path(argv[1]).read_text(encoding="utf-8").splitlines()
+        assert "bind 127.0.0.1" in lines
+        assert "sentinel monitor coupon 127.0.0.1 6380 2" in lines
+        assert f"sentinel auth-pass coupon {password}" in lines
+        assert "sentinel down-after-milliseconds coupon 5000" in lines
+        assert "sentinel failover-timeout coupon 60000" in lines
+        sentinel_ports.append(int(lines[0].removeprefix("port ")))
+    assert sentinel_ports == [26380, 26381, 26382]
+    env = _recorded_env(run)
+    assert env["COUPON_REDIS_SENTINELS"] == "127.0.0.1:26380,127.0.0.1:26381,127.0.0.1:26382"
+    assert env["COUPON_REDIS_SENTINEL_MASTER"] == "coupon"
+    assert env["COUPON_REDIS_MIN_REPLICAS"] == "1"
+    assert "COUPON_REDIS_SENTINEL_PASSWORD" not in env
+    assert env["COUPON_REDIS_URL"] == f"redis://:{password}@127.0.0.1:6380/0"
+    settings = Settings.from_env(env)  # what the gateway and the workers will accept
+    assert settings.redis_sentinel_addresses == tuple(("127.0.0.1", p) for p in sentinel_ports)
+
+
+def test_run_script_keeps_a_chosen_min_replicas_and_starts_none_by_default(
+    tmp_path: Path,
+) -> None:
+    _, run = _run_script(
+        tmp_path / "chosen", COUPON_REDIS_REPLICAS="1", COUPON_REDIS_MIN_REPLICAS="0"
+    )
+    assert _recorded_env(run)["COUPON_REDIS_MIN_REPLICAS"] == "0"
+    _, run = _run_script(tmp_path / "default")
+    programs = _supervisor_programs(run)
+    assert "redis" in programs
+    assert not [name for name in programs if "replica" in name or "sentinel" in name]
+    env = _recorded_env(run)
+    assert "COUPON_REDIS_SENTINELS" not in env
+    assert "COUPON_REDIS_MIN_REPLICAS" not in env
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        ({"COUPON_REDIS_REPLICAS": "-1"}, "COUPON_REDIS_REPLICAS must be 0..9"),
+        ({"COUPON_REDIS_REPLICAS": "two"}, "COUPON_REDIS_REPLICAS must be 0..9"),
+        ({"COUPON_REDIS_REPLICAS": "10"}, "COUPON_REDIS_REPLICAS must be 0..9"),
+        (
+            {"COUPON_REDIS_REPLICAS": "1", "COUPON_REDIS_URL": "redis://redis.example:6379/0"},
+            "cannot be used with COUPON_REDIS_URL",
+        ),
+    ],
+)
+def test_run_script_refuses_bad_replica_settings_before_starting_anything(
+    tmp_path: Path, variables: dict[str, str], message: str
+) -> None:
+    done, run = _run_script(tmp_path, **variables)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("error: "), line
+    assert message in line, line
+    assert not (run / "supervisord.conf").exists()
+    assert not (run / "redis-password").exists()

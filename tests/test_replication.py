@@ -27,6 +27,7 @@ from shared.coupon_requests import NewCoupon
 from shared.model import Coupon
 from shared.ops import coupons
 from shared.redis import client as redis_client
+from shared.redis.scripts import Scripts
 from shared.redis.state import check_guarantees
 from shared.settings import ConfigError, Settings, parse_sentinels
 from stream_worker.worker import Worker
@@ -227,3 +228,25 @@ def test_sentinel_addresses_parse() -> None:
     )
     # The WAIT timeout is only bound by the socket timeout when WAIT is used.
     Settings(worker_name="w", redis_replica_timeout_ms=500)
+
+
+async def test_a_claim_takes_only_entries_still_of_the_user_read(
+    redis: Redis, pool: aiomysql.Pool, settings: Settings
+) -> None:
+    """After a failover the new primary may hold another user's request under an id a
+    worker read from the old one (ids are time-based): claim.lua must not take it."""
+    coupon = await _coupon(pool, redis, 10)
+    stream = keys.CouponKeys(coupon.id).requests
+    outcome = await Scripts(redis).reserve(coupon.id, [41, 42])
+    first, second = (r.request_id for r in outcome.reservations)
+    await redis.xreadgroup(keys.GROUP, "reader", {stream: ">"})
+    scripts = Scripts(redis)
+    claimed, confirmed = await scripts.claim_replicated(
+        coupon.id, "me", [(first, 41), (second, 99), ("1-1", 41)]
+    )
+    assert (claimed, confirmed) == ({first}, True)
+    (row,) = await redis.xpending_range(stream, keys.GROUP, min=first, max=first, count=1)
+    assert row["consumer"] == "me"
+    assert row["times_delivered"] == 1  # a re-claim is no delivery
+    (other,) = await redis.xpending_range(stream, keys.GROUP, min=second, max=second, count=1)
+    assert other["consumer"] == "reader"

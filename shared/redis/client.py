@@ -3,6 +3,8 @@ or a Redis Cluster."""
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -11,13 +13,51 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.connection import parse_url
+from redis.exceptions import RedisError
 
 from shared.settings import Settings
+
+SENTINEL_RECHECK_SECONDS = 0.5
+"""How often a pool asks the sentinels where the primary is, besides on every new connection
+and right after a connection failed."""
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     """Sentinel's pool (each new connection asks the sentinels where the primary is) with the
-    blocking pool's wait for a free connection, as the plain client has."""
+    blocking pool's wait for a free connection, as the plain client has, and a fence against
+    an old primary.
+
+    redis-py asks the sentinels only when it opens a connection, so an idle connection to a
+    primary that was frozen or cut off, and then came back after a promotion, would still be
+    used: that primary accepts writes until the sentinels demote it, and they are lost then.
+    So the pool also asks every :data:`SENTINEL_RECHECK_SECONDS` and after any failed
+    connection; on a change it closes the idle connections (redis-py's own reaction), and a
+    connection handed out still pointing at another address than the primary's is closed
+    first, so the command reconnects through the sentinels.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._next_check = 0.0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + SENTINEL_RECHECK_SECONDS
+            # Sentinels unreachable: keep using the primary we know (new connections will
+            # fail on their own if it is gone).
+            with contextlib.suppress(RedisError, OSError):
+                await self.get_master_address()  # type: ignore[no-untyped-call]
+        connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        primary = self.master_address
+        if primary and connection.is_connected and (connection.host, connection.port) != primary:
+            await connection.disconnect()
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        if not connection.is_connected:
+            self._next_check = 0.0
+        await super().release(connection)
 
 
 def for_settings(settings: Settings, *, socket_timeout: float, max_connections: int = 64) -> Redis:

@@ -112,6 +112,7 @@ class Scripts:
         self._replay: AsyncScript = redis.register_script(_source("replay.lua"))
         self._retire: AsyncScript = redis.register_script(_source("retire.lua"))
         self._heartbeat: AsyncScript = redis.register_script(_source("heartbeat.lua"))
+        self._claim: AsyncScript = redis.register_script(_source("claim.lua"))
 
     async def reserve(self, coupon_id: int, user_ids: list[int]) -> BatchOutcome:
         """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
@@ -135,6 +136,22 @@ class Scripts:
         remaining_or_none = None if remaining < 0 else remaining
         return BatchOutcome(False, now_ms, remaining_or_none, reservations, replicated)
 
+    async def claim_replicated(
+        self, coupon_id: int, consumer: str, held: list[tuple[str, int]]
+    ) -> tuple[set[str], bool]:
+        """Claim again the (entry id, user id) pairs still pending as those very requests, and
+        WAIT for the replicas; (the ids claimed, whether the replicas confirmed them). See
+        ``claim.lua``: only the claimed ids may become rows."""
+        args: list[Any] = [keys.GROUP, consumer]
+        for entry_id, user_id in held:
+            args += [entry_id, user_id]
+        stream = keys.CouponKeys(coupon_id).requests
+        if self._replicas is not None and self._replicas.enabled:
+            reply, confirmed = await self._replicated_call(self._claim, [stream], args)
+        else:
+            reply, confirmed = await self._claim(keys=[stream], args=args), True
+        return {_text(entry_id) for entry_id in reply}, confirmed
+
     async def _replicated_call(
         self, script: AsyncScript, script_keys: list[str], args: list[Any]
     ) -> tuple[Any, bool]:
@@ -145,7 +162,10 @@ class Scripts:
         assert replicas is not None
 
         def queue(pipe: Pipeline) -> object:
-            return pipe.evalsha(script.sha, len(script_keys), *script_keys, *args)
+            # As a raw command: redis-py refuses pipe.evalsha() on a Cluster pipeline, but
+            # routes EVALSHA by its keys like any keyed command.
+            command = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+            return pipe.execute_command(*command)
 
         try:
             done = await replicas.run(script_keys[0], queue)

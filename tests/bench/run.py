@@ -7,6 +7,11 @@ the rounds, of the scenario's rate divided by the bare aiohttp endpoint's rate i
 round, so it holds across machines and shrugs off a round spoiled by another process; the
 absolute rates shown are each scenario's best round and hold only for this machine.
 
+The cost of ``COUPON_REDIS_MIN_REPLICAS`` is measured the same way: a second Redis with one
+replica serves two more gateways that differ only in it (0, and 1: a ``WAIT`` after each
+script call); ``accept_wait_vs_accept`` is the median per-round ratio of the two, a note and no
+goal, with each one's script-call latency read from its ``/metrics``.
+
 Then the worker's drain rate is compared with raw 500-row INSERT statements into the same table,
 and with a one-row-per-transaction consumer. Then an end-to-end drop: N coupons to M users
 through real gateways and workers, with the invariants checked. Last, the drop moment
@@ -48,7 +53,7 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.redis.scripts import Scripts
 from stream_worker.worker import Worker
-from tests.bench import burst, checks, time_to_issue
+from tests.bench import burst, checks, scrape, time_to_issue
 from tests.bench import profile as bench_profile
 from tests.bench.client import fire
 from tests.bench.stack import Stack, stack
@@ -196,13 +201,35 @@ def run_wrk(
 
 
 async def evalsha_calls(redis: Redis) -> int:
+    return await command_calls(redis, "evalsha", "eval")
+
+
+async def command_calls(redis: Redis, *names: str) -> int:
     stats = await redis.info("commandstats")
-    return sum(
-        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("evalsha", "eval")
-    )
+    return sum(int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in names)
+
+
+async def _metrics_text(base_url: str) -> str:
+    async with aiohttp.ClientSession() as session:
+        return await scrape.text(session, f"{base_url}/metrics")
+
+
+def _reserve_totals(exposition: str) -> dict[str, Any]:
+    """The reservation histograms and the missing-acknowledgement counter of one scrape."""
+    return {
+        "seconds": scrape.histogram_totals(exposition, RESERVE_HISTOGRAM),
+        "batch": scrape.histogram_totals(exposition, BATCH_HISTOGRAM),
+        "acks_missing": scrape.counter_total(exposition, ACKS_MISSING_COUNTER),
+    }
 
 
 # -- phase 1: HTTP paths -----------------------------------------------------------------------
+
+# The scenarios whose gateway's reservation histograms are read around each measured run.
+RESERVE_SCENARIOS = ("accept", "accept_replicated", "accept_wait")
+RESERVE_HISTOGRAM = "coupon_reserve_script_duration_seconds"
+BATCH_HISTOGRAM = "coupon_reserve_batch_size"
+ACKS_MISSING_COUNTER = "coupon_replica_acks_missing_total"
 
 
 async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
@@ -218,8 +245,26 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
     naive = running.start_gateway(
         module="tests.bench.naive_app", name="naive", shed_max_lag=0, shed_max_age_seconds=0.0
     )
-    services = {"bare": bare, "gateway": gateway, "naive": naive, "quiet": quiet}
+    # What WAIT costs: a second Redis with one replica, and two gateways on it that differ only
+    # in COUPON_REDIS_MIN_REPLICAS. Started, like the others, before any coupon exists: a
+    # gateway that finds coupons in MySQL but no state in its Redis calls the state lost.
+    replicated_url, replica_url = running.start_replicated_redis()
+    wait_timeout_ms = running.settings().redis_replica_timeout_ms  # the default, as shipped
+    replicated = running.start_gateway(
+        name="replicated", redis_url=replicated_url, shed_max_lag=0, shed_max_age_seconds=0.0
+    )
+    waiting = running.start_gateway(
+        name="wait", redis_url=replicated_url, redis_min_replicas=1,
+        shed_max_lag=0, shed_max_age_seconds=0.0,
+    )  # fmt: skip
+    services = {
+        "bare": bare, "gateway": gateway, "naive": naive, "quiet": quiet,
+        "replicated": replicated, "wait": waiting,
+    }  # fmt: skip
     redis = redis_client.connect(running.redis_url, socket_timeout=10)
+    replicated_redis = redis_client.connect(replicated_url, socket_timeout=10)
+    # Whose script calls (and WAITs) a scenario's gateway makes.
+    redis_of = {"replicated": replicated_redis, "wait": replicated_redis}
     try:
         async with aiohttp.ClientSession() as session:
             ids = {
@@ -236,11 +281,22 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
                     f"{gateway.url}/v1/coupons/{ids['sold_out']}/issues", json={"user_id": user}
                 ) as response:
                     await response.read()
+            for name in ("accept_replicated", "accept_wait"):
+                ids[name] = await checks.create_coupon(
+                    session, replicated.url, running.admin_token, total=None, title=name
+                )
         scenarios = [
             HttpScenario("bare", "bare aiohttp JSON endpoint", "bare", "/issue",
                          '{"user_id":%d}', 202),
             HttpScenario("accept", "gateway accept, coalesced (1 process)", "gateway",
                          f"/v1/coupons/{ids['accept']}/issues", '{"user_id":%d}', 202),
+            HttpScenario("accept_replicated", "accept, Redis with 1 replica, MIN_REPLICAS=0",
+                         "replicated", f"/v1/coupons/{ids['accept_replicated']}/issues",
+                         '{"user_id":%d}', 202),
+            HttpScenario("accept_wait",
+                         f"accept, same Redis, MIN_REPLICAS=1 (WAIT 1 {wait_timeout_ms})",
+                         "wait", f"/v1/coupons/{ids['accept_wait']}/issues",
+                         '{"user_id":%d}', 202),
             HttpScenario("naive", "naive: one EVALSHA per request", "naive",
                          f"/v1/coupons/{ids['naive']}/issues", '{"user_id":%d}', 202),
             HttpScenario("sold_out", "sold-out fast path", "gateway",
@@ -255,22 +311,53 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
         # Each scenario ÷ the bare endpoint of the same round: the machine's mood drifts
         # between rounds (other processes), a ratio within one round much less.
         per_round: dict[str, list[float]] = {s.name: [] for s in scenarios}
+        # Over all measured runs: WAITs per script call, the reservation histograms, the 202s
+        # (warm-ups too: each is a stream entry) and the 503s.
+        script_calls = dict.fromkeys(RESERVE_SCENARIOS, 0)
+        waits = dict.fromkeys(RESERVE_SCENARIOS, 0)
+        reserve: dict[str, dict[str, Any]] = {}
+        told_202 = dict.fromkeys(RESERVE_SCENARIOS, 0)
+        told_503 = dict.fromkeys(RESERVE_SCENARIOS, 0)
         for round_number in range(1, profile.rounds + 1):
             for scenario in scenarios:
                 url = services[scenario.service].url
-                run_wrk(
+                scripts_redis = redis_of.get(scenario.service, redis)
+                watched = scenario.name in RESERVE_SCENARIOS
+                warm = run_wrk(
                     running, url, path=scenario.path, body=scenario.body,
                     duration=profile.warmup, connections=8,
                 )  # fmt: skip
-                before = await evalsha_calls(redis)
+                before = await evalsha_calls(scripts_redis)
+                if watched:
+                    waits_before = await command_calls(scripts_redis, "wait")
+                    scraped_before = _reserve_totals(await _metrics_text(url))
                 result = run_wrk(
                     running, url, path=scenario.path, body=scenario.body,
                     duration=profile.duration, connections=profile.connections,
                 )  # fmt: skip
-                calls = await evalsha_calls(redis) - before
+                calls = await evalsha_calls(scripts_redis) - before
+                if watched:
+                    waits[scenario.name] += (
+                        await command_calls(scripts_redis, "wait") - waits_before
+                    )
+                    script_calls[scenario.name] += calls
+                    scraped = _reserve_totals(await _metrics_text(url))
+                    delta = {
+                        "seconds": scrape.minus(scraped["seconds"], scraped_before["seconds"]),
+                        "batch": scrape.minus(scraped["batch"], scraped_before["batch"]),
+                        "acks_missing": scraped["acks_missing"] - scraped_before["acks_missing"],
+                    }
+                    so_far = reserve.get(scenario.name)
+                    reserve[scenario.name] = delta if so_far is None else {
+                        "seconds": scrape.plus(so_far["seconds"], delta["seconds"]),
+                        "batch": scrape.plus(so_far["batch"], delta["batch"]),
+                        "acks_missing": so_far["acks_missing"] + delta["acks_missing"],
+                    }  # fmt: skip
+                    told_202[scenario.name] += sum(r.statuses.get("202", 0) for r in (warm, result))
+                    told_503[scenario.name] += result.statuses.get("503", 0)
                 result = _expected_only(scenario, result)
                 log(
-                    f"round {round_number} {scenario.name:9} {result.rps:10,.0f} req/s"
+                    f"round {round_number} {scenario.name:17} {result.rps:10,.0f} req/s"
                     f"  p99 {result.p99_ms:6.1f} ms  statuses {result.statuses}"
                 )
                 per_round[scenario.name].append(result.rps)
@@ -278,10 +365,30 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
                     best[scenario.name] = result
                     calls_per_request[scenario.name] = calls / max(result.requests, 1)
         stats = await redis.info("persistence")
+        replica = await _replica_check(replica_url, ids["accept_wait"], told_202["accept_wait"])
     finally:
         await redis.aclose()
+        await replicated_redis.aclose()
         for service in services.values():
             running.stop(service.procs)
+    wait_per_call = {
+        name: waits[name] / script_calls[name] if script_calls[name] else 0.0
+        for name in RESERVE_SCENARIOS
+    }
+    # The WAIT scenario measured WAIT (one per script call), the one beside it none.
+    if wait_per_call["accept_wait"] < 0.95 or waits["accept_replicated"] or waits["accept"]:
+        raise RuntimeError(f"WAIT calls per script call: {wait_per_call}")
+    extras = {
+        name: {
+            "reserve_script": _reserve_summary(reserve[name]),
+            "wait_per_script_call": round(wait_per_call[name], 4),
+            "statuses_503": told_503[name],
+        }
+        for name in RESERVE_SCENARIOS
+    }
+    wait_vs_accept = [
+        w / a for w, a in zip(per_round["accept_wait"], per_round["accept_replicated"], strict=True)
+    ]
     ratios = {
         name: statistics.median(
             rps / bare for rps, bare in zip(runs, per_round["bare"], strict=True)
@@ -300,10 +407,52 @@ async def http_phase(running: Stack, profile: Profile) -> dict[str, Any]:
                 ],
                 "rps_per_round": per_round[s.name],
                 "evalsha_per_request": round(calls_per_request[s.name], 4),
+                **extras.get(s.name, {}),
             }
             for s in scenarios
         },
         "redis_aof": str(stats.get("aof_enabled")) == "1",
+        # accept_wait ÷ accept_replicated: one primary and its replica for both, only WAIT
+        # differs. A measurement, not a goal.
+        "wait": {
+            "accept_wait_vs_accept": statistics.median(wait_vs_accept),
+            "per_round": wait_vs_accept,
+            "min_replicas": 1,
+            "replica_timeout_ms": wait_timeout_ms,
+            "replica": replica,
+        },
+    }
+
+
+async def _replica_check(replica_url: str, coupon_id: int, told_202: int) -> dict[str, Any]:
+    """The WAIT scenario's 202s are on the replica: its copy of the coupon's stream holds at
+    least as many entries as wrk counted 202s (more when wrk stopped waiting for some)."""
+    replica = redis_client.connect(replica_url, socket_timeout=10)
+    try:
+        entries = await replica.xlen(keys.CouponKeys(coupon_id).requests)
+        link = (await replica.info("replication")).get("master_link_status")
+    finally:
+        await replica.aclose()
+    if entries < told_202:
+        raise RuntimeError(f"accept_wait: {told_202} answered 202, {entries} on the replica")
+    return {"stream_entries": entries, "told_202": told_202, "master_link_status": link}
+
+
+def _reserve_summary(totals: dict[str, Any]) -> dict[str, Any]:
+    """The reservation calls a gateway made during the measured runs (its /metrics)."""
+    seconds = scrape.summary(totals["seconds"])
+    batch = scrape.summary(totals["batch"])
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    return {
+        "calls": seconds["count"],
+        "mean_ms": ms(seconds["mean"]),
+        "p50_at_most_ms": ms(seconds["p50_at_most"]),
+        "p99_at_most_ms": ms(seconds["p99_at_most"]),
+        "batch_mean": None if batch["mean"] is None else round(batch["mean"], 2),
+        "replica_acks_missing": int(totals["acks_missing"]),
     }
 
 
@@ -660,6 +809,14 @@ def table(results: dict[str, Any]) -> str:
         g = goals[name]
         return f">= {g['goal']:.2f} {'met' if g['met'] else 'NOT met'}"
 
+    def reserve(name: str) -> str:
+        r = http[name]["reserve_script"]
+        if r["mean_ms"] is None:
+            return "no script call counted"
+        return f"script call mean {r['mean_ms']:.2f} ms, {r['batch_mean']:.1f} per batch"
+
+    wait = http["accept_wait"]
+
     rows = [
         ("bare aiohttp JSON endpoint", f"{http['bare']['rps']:,.0f} req/s", "1.00", ""),
         (
@@ -667,6 +824,19 @@ def table(results: dict[str, Any]) -> str:
             f"{http['accept']['rps']:,.0f} req/s",
             f"{http['accept']['vs_bare']:.2f}",
             goal("accept_vs_bare"),
+        ),
+        (
+            "  accept, Redis with 1 replica, MIN_REPLICAS=0",
+            f"{http['accept_replicated']['rps']:,.0f} req/s",
+            f"{http['accept_replicated']['vs_bare']:.2f}",
+            reserve("accept_replicated"),
+        ),
+        (
+            "  same Redis, MIN_REPLICAS=1 (WAIT per call)",
+            f"{wait['rps']:,.0f} req/s",
+            f"{wait['vs_bare']:.2f}",
+            f"x{results['ratios']['accept_wait_vs_accept']:.2f} the line above (note, no goal);"
+            f" {reserve('accept_wait')}; {wait['statuses_503']:,} 503s",
         ),
         (
             "naive, one EVALSHA per request",
@@ -771,6 +941,13 @@ def table(results: dict[str, Any]) -> str:
         f"EVALSHA calls per request: coalesced {coalesced:.3f}, naive {naive:.3f};"
         f" p99 accept {http['accept']['p99_ms']:.1f} ms, bare {http['bare']['p99_ms']:.1f} ms"
     )
+    lines.append(
+        f"reservation script calls (gateways' histograms): accept {reserve('accept')};"
+        f" with WAIT p50 <= {wait['reserve_script']['p50_at_most_ms']} ms,"
+        f" p99 <= {wait['reserve_script']['p99_at_most_ms']} ms; HTTP p99 with WAIT"
+        f" {wait['p99_ms']:.1f} ms, MIN_REPLICAS=0 beside it"
+        f" {http['accept_replicated']['p99_ms']:.1f} ms"
+    )
     return "\n".join(lines)
 
 
@@ -837,6 +1014,12 @@ async def run(profile: Profile, keep: bool) -> dict[str, Any]:
         "accept_vs_bare": http["accept"]["vs_bare"],
         "naive_vs_bare": http["naive"]["vs_bare"],
         "coalesced_vs_naive": http["accept"]["vs_bare"] / http["naive"]["vs_bare"],
+        # What WAIT costs (one primary and its replica for both sides; no goal, a note).
+        "accept_wait_vs_accept": results["http"]["wait"]["accept_wait_vs_accept"],
+        # What a replica costs the primary without WAIT (two Redis servers: indicative only).
+        "accept_replicated_vs_accept": (
+            http["accept_replicated"]["vs_bare"] / http["accept"]["vs_bare"]
+        ),
         "sold_out_quiet_vs_bare": http["sold_out_quiet"]["vs_bare"],
         "sold_out_vs_bare": http["sold_out"]["vs_bare"],
         "sync_vs_bare": http["sync"]["vs_bare"],

@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+import redis as redis_sync
+
 from shared.settings import Settings
 from tests.helpers import child_env, gateway_command
 from tests.servers import (
+    HOST,
     REPO,
     MariaDBServer,
     RedisServer,
@@ -38,6 +41,7 @@ from tests.servers import (
     free_port,
     http_ok,
     log_tail,
+    wait_for,
 )
 
 PYTHON = sys.executable
@@ -237,6 +241,38 @@ class Stack:
         password = secrets.token_urlsafe(18)
         server.create_service_user(password=password, databases="coupon")
         self.mysql_url = server.url("coupon", password=password)
+
+    def start_replicated_redis(self, name: str = "redis-replicated") -> tuple[str, str]:
+        """A second Redis primary with one replica of its own (same AOF settings, loopback),
+        stopped with the stack like the first; returns (primary URL, replica URL) once the
+        replica is in sync and the primary counts it connected."""
+        primary = RedisServer(
+            self.root / name,
+            appendfsync=self._appendfsync,
+            log_path=self.logs / f"{name}.log",
+            die_with_parent=True,
+        )
+        self._start_server(primary)
+        replica = RedisServer(
+            self.root / f"{name}-replica",
+            appendfsync=self._appendfsync,
+            log_path=self.logs / f"{name}-replica.log",
+            die_with_parent=True,
+            replica_of=primary.port,
+        )
+        self._start_server(replica)
+        client = redis_sync.Redis(host=HOST, port=primary.port, socket_timeout=5.0)
+        try:
+
+            def in_sync() -> bool:
+                info = client.info("replication")
+                slave = info.get("slave0")
+                return isinstance(slave, dict) and slave.get("state") == "online"
+
+            wait_for(f"{replica.name} in sync with {primary.name}", in_sync, within=30)
+        finally:
+            client.close()
+        return primary.url, replica.url
 
     def _start_server(self, server: Server) -> None:
         self._servers.append(server)

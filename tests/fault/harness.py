@@ -206,9 +206,16 @@ class RedisServer(ServiceProcess):
     """The private redis-server of :mod:`tests.servers`, restartable on the same data."""
 
     def __init__(
-        self, workdir: Path, *, appendfsync: str = "always", replica_of: int | None = None
+        self,
+        workdir: Path,
+        *,
+        appendfsync: str = "always",
+        replica_of: int | None = None,
+        cluster: bool = False,
     ) -> None:
-        self.server = servers.RedisServer(workdir, appendfsync=appendfsync, replica_of=replica_of)
+        self.server = servers.RedisServer(
+            workdir, appendfsync=appendfsync, replica_of=replica_of, cluster=cluster
+        )
         super().__init__(self.server.name, self.server.executor, self.server.log_path,
                          self.server.log)  # fmt: skip
 
@@ -305,6 +312,8 @@ class Stack:
         self.links: list[HeldLink] = []
         """The replicas' replication links, in the order of :attr:`replicas`."""
         self.sentinels: list[SentinelProcess] = []
+        self.cluster_nodes: list[RedisServer] = []
+        """On a Redis Cluster: every node (:attr:`redis_server` is the first of them)."""
         self.redis = redis_client.for_settings(settings, socket_timeout=5.0)
         """Follows the primary through the sentinels when the stack has them."""
         self.services: list[ServiceProcess] = []
@@ -420,7 +429,8 @@ class Stack:
     async def close(self) -> list[str]:
         """Stop every process this stack started, then its servers; returns the problems."""
         problems = []
-        stores = [*self.sentinels, *self.replicas, self.redis_server, self.mysql_server]
+        nodes = self.cluster_nodes or [self.redis_server]
+        stores = [*self.sentinels, *self.replicas, *nodes, self.mysql_server]
         for service in [*reversed(self.services), *stores]:
             if service is None:
                 continue
@@ -576,6 +586,7 @@ async def make_stack(
     session_mysql_url: str | None,
     appendfsync: str = "always",
     replicas: int = 0,
+    cluster: bool = False,
     **changes: Any,
 ) -> Stack:
     """Start Redis (and, without ``session_mysql_url``, a private MariaDB); migrate a fresh
@@ -585,8 +596,17 @@ async def make_stack(
     every process of the stack (the stack's own client too) finds the primary through them.
     Each replica replicates through a :class:`~tests.fault.link.HeldLink` of
     :attr:`Stack.links`, which a test can hold to put it behind.
+
+    With ``cluster``, Redis is a Redis Cluster of three masters with a replica each
+    (:attr:`Stack.cluster_nodes`), and every process uses it as one.
     """
-    redis_server = RedisServer(workdir, appendfsync=appendfsync)
+    nodes = [
+        RedisServer(workdir / f"node-{n}", appendfsync=appendfsync, cluster=True)
+        for n in range(CLUSTER_NODES if cluster else 0)
+    ]
+    redis_server = nodes[0] if nodes else RedisServer(workdir, appendfsync=appendfsync)
+    if cluster:
+        changes = {"redis_cluster": True, **changes}
     if replicas:
         sentinels = [
             SentinelProcess(workdir / f"sentinel-{n}", primary_port=redis_server.server.port)
@@ -606,8 +626,12 @@ async def make_stack(
         mysql_url = mysql_server.url(database)
     stack = Stack(workdir, fault_settings(redis_server.url, mysql_url, **changes), redis_server,
                   mysql_server)  # fmt: skip
+    stack.cluster_nodes = nodes
     try:
-        await redis_server.start()
+        if cluster:
+            await _start_cluster(nodes)
+        else:
+            await redis_server.start()
         if replicas:
             await _start_replication(stack, replicas, sentinels)
         if mysql_server is not None:
@@ -617,6 +641,40 @@ async def make_stack(
         await stack.close()
         raise
     return stack
+
+
+CLUSTER_NODES = 6
+"""Three masters, a replica each."""
+
+
+async def _start_cluster(nodes: list[RedisServer]) -> None:
+    for node in nodes:
+        await node.start()
+    await asyncio.to_thread(
+        subprocess.run,
+        [servers.find_binary("redis-cli"), "--cluster", "create",
+         *(f"{HOST}:{node.server.port}" for node in nodes),
+         "--cluster-replicas", "1", "--cluster-yes"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+
+    async def every_node_sees_it_up() -> bool:
+        for node in nodes:
+            client = redis_client.connect(node.url, socket_timeout=2)
+            try:
+                info = await client.execute_command("CLUSTER INFO")
+                if info.get("cluster_state") != "ok":
+                    return False
+                replication = await client.info("replication")
+                if replication.get("role") == "slave" and (
+                    replication.get("master_link_status") != "up"
+                ):
+                    return False
+            finally:
+                await client.aclose()
+        return True
+
+    await wait_until(every_node_sees_it_up, within=START_TIMEOUT, what="cluster up")
 
 
 async def _start_replication(stack: Stack, replicas: int, sentinels: list[SentinelProcess]) -> None:

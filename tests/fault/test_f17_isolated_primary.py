@@ -1,7 +1,9 @@
 """F17 isolated old primary: the primary is frozen (SIGSTOP) under load until the sentinels
 promote a replica, then resumes, still believing it is the primary until the sentinels demote
 it. With ``COUPON_REDIS_MIN_REPLICAS=1`` it hands out no 202 that the new primary lacks: its
-replicas follow the new primary now, so a reservation it makes is confirmed by none.
+replicas follow the new primary now, so a reservation it makes is confirmed by none, and the
+gateway's pool, which asks the sentinels every half second and after every failed
+connection, no longer sends it anything.
 
 Besides the load through the gateway, the test reserves on the stale primary directly, the
 moment it resumes, with the gateway's own script and WAIT: that reservation must not count as
@@ -45,6 +47,22 @@ async def _stale_reservation(
     return "confirmed" if outcome.replicated else "unconfirmed"
 
 
+async def _replicas_follow(stack: Stack) -> bool:
+    """Every replica but the promoted one replicates from the new primary."""
+    primary = await sentinel_primary(stack)
+    for replica in stack.replicas:
+        if replica.server.port == primary:
+            continue
+        client = redis_client.connect(replica.url, socket_timeout=1)
+        try:
+            info = await client.info("replication")
+        finally:
+            await client.aclose()
+        if info.get("role") != "slave" or int(info.get("master_port", 0)) != primary:
+            return False
+    return True
+
+
 async def _promoted(stack: Stack) -> bool:
     return await sentinel_primary(stack) in {replica.server.port for replica in stack.replicas}
 
@@ -71,6 +89,10 @@ async def test_isolated_old_primary_hands_out_no_unreplicated_202(stacks, measur
         promoted_at = await wait_until(
             lambda: _promoted(stack), within=60, what="a replica promoted"
         )
+        # Resumed once the failover is through: the other replica follows the new primary.
+        # (Before that, a replica still attached to the old primary could confirm its writes;
+        # the gateways' pools fence that window off by asking the sentinels.)
+        await wait_until(lambda: _replicas_follow(stack), within=60, what="replicas reconfigured")
         client.phase = "stale_primary_back"
         old_primary.resume()
         with_wait = await _stale_reservation(old_primary, coupon.id, STALE_USERS[0], wait=True)
