@@ -99,8 +99,9 @@ class Coalescer:
             metrics.RESERVE_SECONDS.observe(time.perf_counter() - started)
             metrics.RESERVE_BATCH_SIZE.observe(len(batch))
             self.redis_clock_offset_ms = outcome.redis_time_ms - int(time.time() * 1000)
-            for callback in self.on_outcome:
-                callback(coupon_id, outcome)
+            if outcome.replicated:  # an unconfirmed "sold out" may be undone by a failover
+                for callback in self.on_outcome:
+                    callback(coupon_id, outcome)
             if outcome.state_missing:
                 _settle(batch, error=StateMissing(coupon_id))
             elif not outcome.replicated:

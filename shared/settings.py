@@ -311,6 +311,10 @@ class Settings:
         sentinels = self.redis_sentinel_addresses
         if sentinels and self.redis_cluster:
             raise ConfigError("COUPON_REDIS_SENTINELS and COUPON_REDIS_CLUSTER exclude each other")
+        if sentinels and self.redis_url.startswith("rediss://"):
+            # The Sentinel client here speaks plain TCP; a silent downgrade would send the
+            # password in clear.
+            raise ConfigError("COUPON_REDIS_SENTINELS does not support rediss:// (TLS) URLs")
         if sentinels and not self.redis_sentinel_master:
             raise ConfigError("COUPON_REDIS_SENTINELS needs COUPON_REDIS_SENTINEL_MASTER")
         if self.redis_sentinel_master and not sentinels:
@@ -321,11 +325,13 @@ class Settings:
         # the replicas would arrive as a socket timeout instead of a counted "not in time".
         if self.redis_replica_timeout_ms <= 0:
             raise ConfigError("COUPON_REDIS_REPLICA_TIMEOUT_MS must be positive")
+        # WAIT's answer still needs a round trip after it gives up: keep a fifth in hand.
         if self.redis_min_replicas and (
-            self.redis_replica_timeout_ms >= self.redis_timeout_seconds * 1000
+            self.redis_replica_timeout_ms > 0.8 * self.redis_timeout_seconds * 1000
         ):
             raise ConfigError(
-                "COUPON_REDIS_REPLICA_TIMEOUT_MS must be below COUPON_REDIS_TIMEOUT_SECONDS"
+                "COUPON_REDIS_REPLICA_TIMEOUT_MS must be at most 80 % of"
+                " COUPON_REDIS_TIMEOUT_SECONDS"
             )
 
     def _check_shedding(self) -> None:

@@ -237,6 +237,9 @@ class Worker:
                         log.info("entries_no_longer_pending", count=len(entries) - len(held))
                     return held
                 log.warning("replicas_behind", entries=len(entries), retry_in=delay)
+            # The batch is claimed again at each attempt; what else is in hand must be too, or
+            # another worker takes it over (a delivery counted) during a long replica outage.
+            await self._reader.keep_claimed(self._held_besides())
             if self._stopping.is_set() and delay >= self._settings.mysql_retry_max_seconds:
                 log.warning("batch_abandoned_at_shutdown", entries=len(entries))
                 self._gave_up = True

@@ -211,8 +211,16 @@ async def test_start_warns_when_fewer_replicas_are_connected(
         ({"redis_min_replicas": -1}, "COUPON_REDIS_MIN_REPLICAS"),
         ({"redis_replica_timeout_ms": 0}, "COUPON_REDIS_REPLICA_TIMEOUT_MS"),
         (
-            {"redis_min_replicas": 1, "redis_replica_timeout_ms": 500},
-            "below COUPON_REDIS_TIMEOUT_SECONDS",
+            {"redis_min_replicas": 1, "redis_replica_timeout_ms": 401},
+            "at most 80 % of COUPON_REDIS_TIMEOUT_SECONDS",
+        ),
+        (
+            {
+                "redis_sentinels": "127.0.0.1:1",
+                "redis_sentinel_master": "c",
+                "redis_url": "rediss://127.0.0.1:6379/0",
+            },
+            "does not support rediss://",
         ),
     ],
 )

@@ -51,7 +51,14 @@ class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
         connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
         primary = self.master_address
         if primary and connection.is_connected and (connection.host, connection.port) != primary:
-            await connection.disconnect()
+            try:
+                # A plain reconnect would reuse the stored old address; the Sentinel
+                # connection's connect() asks the sentinels.
+                await connection.disconnect()
+                await connection.connect()
+            except BaseException:
+                await self.release(connection)
+                raise
         return connection
 
     async def release(self, connection: Any) -> None:

@@ -18,12 +18,10 @@ happens: a promoted replica holds every write it acknowledged in memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.client import Pipeline
 
 from shared import metrics
 from shared.redis.client import is_cluster
@@ -57,25 +55,29 @@ class ReplicaWait:
     def enabled(self) -> bool:
         return self.replicas > 0
 
-    async def run(self, key: str, queue: Callable[[Pipeline], object]) -> Replicated:
-        """Queue one command on a pipeline (``queue``), routed by ``key``; send it and the
-        ``WAIT`` together. Raises the command's own error; a ``WAIT`` that fails counts as
-        not confirmed (the write may still have happened: the outcome is unknown)."""
+    async def run(self, key: str, *command: Any) -> Replicated:
+        """Send one write ``command`` (``key`` is the key it works on) and the ``WAIT``
+        together. Raises the command's own error; a ``WAIT`` that fails counts as not
+        confirmed (the write may still have happened: the outcome is unknown)."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            queue(pipe)
             if not self.enabled:
+                pipe.execute_command(*command)
                 (reply,) = await pipe.execute()
                 return Replicated(reply, confirmed=True, replicas=0)
             wait: tuple[Any, ...] = ("WAIT", self.replicas, self._timeout_ms)
             if self._cluster:
+                # Both pinned to the node that owns the key now, so they share its connection
+                # (routing the write by its key at execute() could pick a newer owner after a
+                # topology refresh). A redirection would send the write again on another
+                # connection, and WAIT here would count nothing of it: MOVED stays an error.
                 node = cast(RedisCluster, self._redis).get_node_from_key(key)
+                pipe.execute_command(*command, target_nodes=node)
                 pipe.execute_command(*wait, target_nodes=node)
-                # A redirection would send the command again on another node's connection,
-                # and WAIT on this one would then count nothing of it: MOVED stays an error.
                 reply, acked = await pipe.execute(  # type: ignore[call-arg]
                     raise_on_error=False, allow_redirections=False
                 )
             else:
+                pipe.execute_command(*command)
                 pipe.execute_command(*wait)
                 reply, acked = await pipe.execute(raise_on_error=False)
         if isinstance(reply, Exception):

@@ -8,7 +8,6 @@ from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
@@ -161,17 +160,12 @@ class Scripts:
         replicas = self._replicas
         assert replicas is not None
 
-        def queue(pipe: Pipeline) -> object:
-            # As a raw command: redis-py refuses pipe.evalsha() on a Cluster pipeline, but
-            # routes EVALSHA by its keys like any keyed command.
-            command = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
-            return pipe.execute_command(*command)
-
+        command = ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
         try:
-            done = await replicas.run(script_keys[0], queue)
+            done = await replicas.run(script_keys[0], *command)
         except NoScriptError:
             await self._redis.script_load(script.script)
-            done = await replicas.run(script_keys[0], queue)
+            done = await replicas.run(script_keys[0], *command)
         return done.reply, done.confirmed
 
     async def release(

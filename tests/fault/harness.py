@@ -739,3 +739,8 @@ async def sentinel_primary(stack: Stack) -> int | None:
         finally:
             await client.aclose()
     return None
+
+
+async def replica_promoted(stack: Stack) -> bool:
+    """The sentinels name one of the stack's replicas as the primary."""
+    return await sentinel_primary(stack) in {replica.server.port for replica in stack.replicas}

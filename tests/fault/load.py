@@ -237,6 +237,16 @@ class LoadClient:
         finally:
             self._gate.release()
 
+    async def accepting_again(self, since: float, *, more: int = 50, within: float = 60) -> float:
+        """Wait for ``more`` oks beyond those counted so far (the service accepts again after
+        a fault); returns when the first ok answered after ``since`` (monotonic) arrived."""
+        await self.wait_for_oks(self._ok_count + more, within=within)
+        return min(
+            a.sent_at + a.latency
+            for a in self.history.answers
+            if a.kind is Kind.OK and a.sent_at >= since
+        )
+
     async def wait_for_oks(self, count: int, *, within: float) -> None:
         """Wait until at least ``count`` requests were accepted (the load is really running)."""
         deadline = time.monotonic() + within
