@@ -39,13 +39,7 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     ):
         log.warning("redis_durability_weak", detail=warning)
     app[appkeys.REDIS] = redis
-    replicas = ReplicaWait(
-        redis,
-        replicas=settings.redis_min_replicas,
-        timeout_ms=settings.redis_replica_timeout_ms,
-        path="reserve",
-    )
-    app[appkeys.SCRIPTS] = Scripts(redis, replicas)
+    app[appkeys.SCRIPTS] = Scripts(redis, ReplicaWait.for_settings(redis, settings, path="reserve"))
     yield
     await redis.aclose()
 

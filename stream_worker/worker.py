@@ -39,13 +39,8 @@ class Worker:
         self._redis = redis
         self._pool = pool
         self._settings = settings
-        self._replicas = ReplicaWait(
-            redis,
-            replicas=settings.redis_min_replicas,
-            timeout_ms=settings.redis_replica_timeout_ms,
-            path="worker",
-        )
-        self._scripts = Scripts(redis, self._replicas)
+        self._waits_for_replicas = settings.redis_min_replicas > 0
+        self._scripts = Scripts(redis, ReplicaWait.for_settings(redis, settings, path="worker"))
         self.name = settings.worker_name
         self._stopping = asyncio.Event()
         self._reader = StreamReader(redis, settings, self._stopping)
@@ -191,7 +186,7 @@ class Worker:
                 log.warning(
                     "entry_malformed", coupon_id=coupon_id, entry_id=entry_id, error=str(exc)
                 )
-        if self._replicas.enabled:
+        if self._waits_for_replicas:
             entries = await self._replicated(entries)
         if not entries:
             return

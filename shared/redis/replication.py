@@ -25,6 +25,7 @@ from redis.asyncio import Redis, RedisCluster
 
 from shared import metrics
 from shared.redis.client import is_cluster
+from shared.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,38 +34,42 @@ class Replicated:
 
     reply: Any
     confirmed: bool
-    replicas: int
-    """How many replicas acknowledged (0 when none was asked for)."""
 
 
 class ReplicaWait:
     """Runs one write and then ``WAIT replicas timeout_ms`` on the same connection.
 
-    With ``replicas`` 0 the write runs alone and counts as confirmed: the promise is then only
-    the primary's (and its AOF's).
+    Only for ``replicas`` ≥ 1 (:meth:`for_settings` gives None for 0: the promise is then only
+    the primary's, and its AOF's, and the writes run as plain calls).
     """
 
     def __init__(self, redis: Redis, *, replicas: int, timeout_ms: int, path: str) -> None:
+        assert replicas > 0
         self._redis = redis
-        self.replicas = replicas
-        self._timeout_ms = timeout_ms
+        self._wait: tuple[Any, ...] = ("WAIT", replicas, timeout_ms)
+        self._replicas = replicas
         self._cluster = is_cluster(redis)
         self._short = metrics.REPLICA_ACKS_MISSING.labels(path)
 
-    @property
-    def enabled(self) -> bool:
-        return self.replicas > 0
+    @classmethod
+    def for_settings(cls, redis: Redis, settings: Settings, *, path: str) -> ReplicaWait | None:
+        """What ``COUPON_REDIS_MIN_REPLICAS`` asks of the writes on ``path`` (a label of
+        ``coupon_replica_acks_missing_total``); None when it asks for nothing."""
+        if not settings.redis_min_replicas:
+            return None
+        return cls(
+            redis,
+            replicas=settings.redis_min_replicas,
+            timeout_ms=settings.redis_replica_timeout_ms,
+            path=path,
+        )
 
     async def run(self, key: str, *command: Any) -> Replicated:
         """Send one write ``command`` (``key`` is the key it works on) and the ``WAIT``
         together. Raises the command's own error; a ``WAIT`` that fails counts as not
         confirmed (the write may still have happened: the outcome is unknown)."""
+        wait = self._wait
         async with self._redis.pipeline(transaction=False) as pipe:
-            if not self.enabled:
-                pipe.execute_command(*command)
-                (reply,) = await pipe.execute()
-                return Replicated(reply, confirmed=True, replicas=0)
-            wait: tuple[Any, ...] = ("WAIT", self.replicas, self._timeout_ms)
             if self._cluster:
                 # Both pinned to the node that owns the key now, so they share its connection
                 # (routing the write by its key at execute() could pick a newer owner after a
@@ -82,8 +87,7 @@ class ReplicaWait:
                 reply, acked = await pipe.execute(raise_on_error=False)
         if isinstance(reply, Exception):
             raise reply
-        replicas = acked if isinstance(acked, int) else 0
-        confirmed = replicas >= self.replicas
+        confirmed = isinstance(acked, int) and acked >= self._replicas
         if not confirmed:
             self._short.inc()
-        return Replicated(reply, confirmed=confirmed, replicas=replicas)
+        return Replicated(reply, confirmed=confirmed)

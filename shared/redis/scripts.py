@@ -98,8 +98,8 @@ class BatchOutcome:
 class Scripts:
     """The project's scripts bound to one Redis client (EVALSHA, loaded on first use).
 
-    With ``replicas`` (enabled), each reservation call is followed by its ``WAIT`` on the same
-    connection and its outcome says whether the replicas confirmed it.
+    With ``replicas``, each reservation and re-claim call is followed by its ``WAIT`` on the
+    same connection, and its outcome says whether the replicas confirmed it.
     """
 
     def __init__(self, redis: Redis, replicas: ReplicaWait | None = None) -> None:
@@ -120,7 +120,7 @@ class Scripts:
         args = [coupon_id, *user_ids]
         replicated = True
         raw: list[Any]
-        if self._replicas is not None and self._replicas.enabled:
+        if self._replicas is not None:
             raw, replicated = await self._replicated_call(self._issue, script_keys, args)
         else:
             raw = await self._issue(keys=script_keys, args=args)
@@ -145,7 +145,7 @@ class Scripts:
         for entry_id, user_id in held:
             args += [entry_id, user_id]
         stream = keys.CouponKeys(coupon_id).requests
-        if self._replicas is not None and self._replicas.enabled:
+        if self._replicas is not None:
             reply, confirmed = await self._replicated_call(self._claim, [stream], args)
         else:
             reply, confirmed = await self._claim(keys=[stream], args=args), True

@@ -40,7 +40,7 @@ async def _stale_reservation(
 ) -> str:
     """Reserve on the old primary directly: "confirmed", "unconfirmed" or "refused"."""
     direct = redis_client.connect(server.url, socket_timeout=2.0)
-    replicas = ReplicaWait(direct, replicas=1 if wait else 0, timeout_ms=200, path="reserve")
+    replicas = ReplicaWait(direct, replicas=1, timeout_ms=200, path="reserve") if wait else None
     try:
         outcome = await Scripts(direct, replicas).reserve(coupon_id, [user_id])
     except (RedisError, OSError) as exc:  # READONLY once demoted
