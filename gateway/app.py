@@ -9,10 +9,11 @@ import structlog
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from gateway import admin, appkeys, compat, health, openapi, routes
+from gateway import admin, appkeys, changes, compat, health, openapi, routes
 from gateway.auth import Authenticator
 from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer
+from gateway.feed import Feed
 from gateway.issuing import Issuer
 from gateway.listener import EagerAcceptSite, listening_socket
 from gateway.problems import problem_middleware
@@ -84,15 +85,31 @@ async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
         interval_seconds=settings.shed_wait_interval_ms / 1000,
     )
     app[appkeys.ISSUER] = Issuer(snapshots, coalescer, health=health, admission=admission)
+    feed = app[appkeys.FEED] = Feed(
+        app[appkeys.REDIS],
+        snapshots,
+        max_subscribers=settings.max_subscribers,
+        interval_seconds=settings.feed_interval_ms / 1000,
+        heartbeat_seconds=settings.feed_heartbeat_seconds,
+        retry_ms=settings.feed_retry_ms,
+    )
     stop = asyncio.Event()
+    news = [snapshots.news_handler(), feed.news_handler()]
     tasks = [
-        asyncio.create_task(snapshots.listen(stop), name="snapshot-listener"),
+        asyncio.create_task(changes.listen(app[appkeys.REDIS], news, stop), name="news"),
+        asyncio.create_task(feed.run(stop), name="feed"),
         asyncio.create_task(health.run(stop), name="pipeline-health"),
     ]
     yield
     stop.set()
     await coalescer.drain()
     await asyncio.gather(*tasks)
+
+
+async def _end_feeds(app: web.Application) -> None:
+    """Live feed streams would hold the shutdown for its whole grace: end them first (their
+    clients reconnect, to another process)."""
+    app[appkeys.FEED].close()
 
 
 async def _all_processes_metrics(request: web.Request) -> web.Response:
@@ -154,6 +171,7 @@ def create_app(settings: Settings) -> web.Application:
     app[appkeys.AUTHENTICATOR] = Authenticator(settings)
     app[appkeys.LIMITS] = Limits(settings)
     app.cleanup_ctx.extend([_redis_ctx, _mysql_ctx, _issuing_ctx])
+    app.on_shutdown.append(_end_feeds)
     app.add_routes(routes.routes)
     app.add_routes(compat.routes)
     if settings.admin_port:

@@ -1,4 +1,4 @@
-"""Native public routes: issue, status, coupon snapshot, health."""
+"""Native public routes: issue, status, coupon snapshot, live feed, health."""
 
 from __future__ import annotations
 
@@ -104,6 +104,16 @@ async def coupon_snapshot(request: web.Request) -> web.Response:
     total = coupon.total_quantity
     remaining = None if total is None else max(total - reserved, 0)
     return json_response({**coupon.public(), "remaining": remaining, "sold_out": remaining == 0})
+
+
+@routes.get("/v1/coupons/{coupon_id}/events")
+@sampled_log  # one line per subscriber that leaves would flood the log at a gateway's stop
+async def coupon_events(request: web.Request) -> web.StreamResponse:
+    """The coupon's live feed (Server-Sent Events): public, like the snapshot route, so it
+    needs no identity and is rate-limited per client address."""
+    request.app[appkeys.LIMITS].check_reader(request)
+    coupon_id = parse_id(request.match_info["coupon_id"], "coupon_id")
+    return await request.app[appkeys.FEED].stream(request, coupon_id)
 
 
 @routes.get("/healthz")

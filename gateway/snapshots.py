@@ -2,11 +2,12 @@
 
 A snapshot is the coupon's ``{coupon:ID}:meta`` hash. Entries are dropped at once when a
 ``coupons:changed`` message names their coupon (creation, change, a released slot), and all of
-them whenever the subscription drops, so a change reaches every gateway within a round trip.
-The TTL is only a safety net. Unknown ids are cached too (negative caching), so a flood of bad
-ids costs one Redis read per id per TTL and never reaches MySQL; the cache holds at most
-``max_entries`` ids, so an enumeration of ids cannot fill the process's memory. The sold-out
-flag lets the gateway answer without a Redis round trip; the same messages clear it.
+them whenever the subscription drops (:mod:`gateway.changes`), so a change reaches every
+gateway within a round trip. The TTL is only a safety net. Unknown ids are cached too
+(negative caching), so a flood of bad ids costs one Redis read per id per TTL and never reaches
+MySQL; the cache holds at most ``max_entries`` ids, so an enumeration of ids cannot fill the
+process's memory. The sold-out flag lets the gateway answer without a Redis round trip; the
+same messages clear it.
 """
 
 from __future__ import annotations
@@ -14,15 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from shared import keys, metrics
+from gateway import changes
+from shared import metrics
 from shared.model import Coupon
 from shared.redis.coupon_state import load_snapshot
-
-log = structlog.get_logger(__name__)
 
 # Bound once: labels() costs more than the inc() itself, and a hit is on every request.
 _HITS = metrics.SNAPSHOT_LOOKUPS.labels("hit")
@@ -106,39 +104,9 @@ class SnapshotCache:
             return False
         return True
 
-    async def listen(self, stop: asyncio.Event) -> None:
-        """Apply ``coupons:changed`` messages until ``stop`` is set; reconnects with backoff."""
-        delay = 0.1
-        while not stop.is_set():
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(keys.CHANGES_CHANNEL)
-                # Anything may have changed while we were not subscribed.
-                self.invalidate()
-                delay = 0.1
-                while not stop.is_set():
-                    message = await pubsub.get_message(timeout=0.2)
-                    if message is not None and message["type"] == "message":
-                        self._apply(message["data"])
-            except (RedisError, OSError) as exc:
-                log.warning("snapshot_listener_disconnected", error=repr(exc))
-                self.invalidate()
-                await _wait(stop, delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def _apply(self, data: str | bytes) -> None:
-        try:
-            coupon_id = int(data)
-        except ValueError:
-            log.warning("snapshot_message_ignored", data=repr(data)[:64])
-            return
-        self.invalidate(coupon_id)
-
-
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
+    def news_handler(self) -> changes.Handler:
+        """How the change listener keeps this cache fresh: a change forgets the coupon (a sold
+        out needs nothing: the next reservation call says so itself)."""
+        return changes.Handler(
+            changed=self.invalidate, sold_out=lambda _coupon_id: None, resync=self.invalidate
+        )

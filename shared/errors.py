@@ -176,6 +176,14 @@ class PipelineBehind(Unavailable):
     outcome = "shed"
 
 
+class FeedFull(Unavailable):
+    """This gateway process holds ``COUPON_MAX_SUBSCRIBERS`` live feed clients already."""
+
+    code = "FEED_FULL"
+    title = "This gateway holds as many live feed subscribers as it may"
+    retry_after = 5
+
+
 class RedisStateLost(Unavailable):
     """Redis came back without the service's state; selling now could sell the stock twice."""
 

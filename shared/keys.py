@@ -14,6 +14,10 @@ ACTIVE_COUPONS = "coupons:active"
 CHANGES_CHANNEL = "coupons:changed"
 """Pub/sub channel; the message is a coupon id whose snapshot or stock changed."""
 
+SOLD_OUT_CHANNEL = "coupons:sold_out"
+"""Pub/sub channel; ``issue.lua`` publishes a coupon's id when a call takes its last stock
+slot, so every gateway's live feed says ``sold_out`` at once instead of at its next poll."""
+
 STATE_MARKER = "coupons:state"
 """STRING written once Redis holds the service's state. If Redis comes back empty (state lost),
 the marker is gone too, and the gateway answers 503 instead of "no such coupon" (or worse,

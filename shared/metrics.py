@@ -100,6 +100,26 @@ SNAPSHOT_LOOKUPS = Counter(
     "In-process coupon snapshot cache lookups.",
     ["result"],
 )
+FEED_EVENTS = (
+    "snapshot", "remaining", "sold_out", "reopened", "paused", "resumed", "started", "closed"
+)  # fmt: skip
+FEED_SUBSCRIBERS = Gauge(
+    "coupon_feed_subscribers",
+    "Clients connected to the live feed (GET /v1/coupons/{id}/events), all coupons.",
+    multiprocess_mode="livesum",
+)
+FEED_EVENTS_SENT = Counter(
+    "coupon_feed_events_total",
+    "Live feed events by name, counted once per coupon and gateway process (not per"
+    " subscriber; coupon_feed_subscribers says how many heard each).",
+    ["event"],
+)
+FEED_REFUSED = Counter(
+    "coupon_feed_refused_total",
+    "Live feed subscriptions refused or ended by the gateway: full (COUPON_MAX_SUBSCRIBERS"
+    " reached, 503) or slow (a client that stopped reading, disconnected).",
+    ["reason"],
+)
 
 # Worker
 WORKER_ENTRIES = Counter(
@@ -196,6 +216,10 @@ def init_gateway_series() -> None:
     for result in ("hit", "miss"):
         SNAPSHOT_LOOKUPS.labels(result)
     REPLICA_ACKS_MISSING.labels("reserve")
+    for event in FEED_EVENTS:
+        FEED_EVENTS_SENT.labels(event)
+    for reason in ("full", "slow"):
+        FEED_REFUSED.labels(reason)
 
 
 def init_worker_series() -> None:

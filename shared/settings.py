@@ -216,6 +216,10 @@ class Settings:
     shed_wait_interval_ms: float = 1000.0
     shed_max_lag: int = 200_000
     shed_max_age_seconds: float = 120.0
+    max_subscribers: int = 10_000
+    feed_interval_ms: int = 250
+    feed_heartbeat_seconds: float = 15.0
+    feed_retry_ms: int = 2000
 
     # Worker
     worker_name: str = dataclasses.field(default_factory=_default_consumer_name)
@@ -277,6 +281,9 @@ class Settings:
             "COUPON_BLOCK_MS": self.block_ms,
             "COUPON_RECLAIM_IDLE_MS": self.reclaim_idle_ms,
             "COUPON_MAX_DELIVERIES": self.max_deliveries,
+            "COUPON_MAX_SUBSCRIBERS": self.max_subscribers,
+            "COUPON_FEED_INTERVAL_MS": self.feed_interval_ms,
+            "COUPON_FEED_RETRY_MS": self.feed_retry_ms,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -297,6 +304,7 @@ class Settings:
             "COUPON_JWT_MAX_LIFETIME_SECONDS": (self.jwt_max_lifetime_seconds, False),
             "COUPON_WORKER_STUCK_SECONDS": (self.worker_stuck_seconds, False),
             "COUPON_RETIRE_AFTER_SECONDS": (self.retire_after_seconds, True),
+            "COUPON_FEED_HEARTBEAT_SECONDS": (self.feed_heartbeat_seconds, False),
         }
         for name, (seconds, zero_ok) in durations.items():
             if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_ok):

@@ -19,6 +19,7 @@ the order written); its ``info.version`` stays ``0.0.0``, the served one is the 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import importlib.resources
 import inspect
@@ -141,6 +142,13 @@ def check_against_document(
     instance = orjson.loads(body) if is_json else body.decode()
     schema_pointer = f"{pointer}/content/{_escape(content_type)}/schema"
     _validate(instance, {"$ref": f"{BASE}#{schema_pointer}"}, f"{method} {path} {status}")
+    if content_type == "text/event-stream":  # and each event's data, as x-event-data says
+        data_pointer = f"{pointer}/content/{_escape(content_type)}/x-event-data"
+        events = [orjson.loads(line[5:]) for line in body.splitlines() if line[:5] == b"data:"]
+        assert events, f"{method} {path} {status}: no event in {body!r}"
+        for event in events:
+            _validate(event, {"$ref": f"{BASE}#{data_pointer}"}, f"{method} {path} event")
+        return events[0]
     return instance
 
 
@@ -612,6 +620,15 @@ EXCHANGES = [
     case("GET", "/v1/coupons/{open}/issues/0", 400, "status-400"),
     case("GET", "/v1/coupons/{open}/issues/1", 503, "status-503-redis-paused", redis_paused=True),
     case("GET", "/v1/coupons/{open}", 200, "snapshot-200", expect={"remaining": 2}),
+    case("GET", "/v1/coupons/{open}/events", 200, "events-200",
+      expect={"remaining": 2, "phase": "open"}),
+    case("GET", "/v1/coupons/{open}/events", 200, "events-200-bad-last-event-id",
+      headers={"Last-Event-ID": "garbage"}, expect={"remaining": 2}),
+    case("GET", "/v1/coupons/0/events", 400, "events-400", expect={"code": "INVALID_REQUEST"}),
+    case("GET", "/v1/coupons/{missing}/events", 404, "events-404",
+      expect={"code": "COUPON_NOT_EXIST"}),
+    case("GET", "/v1/coupons/{missing}/events", 503, "events-503-redis-paused",
+      redis_paused=True),
     case("GET", "/v1/coupons/{sold}", 200, "snapshot-200-sold-out", expect={"sold_out": True}),
     case("GET", "/v1/coupons/{missing}", 404, "snapshot-404"),
     case("GET", f"/v1/coupons/{MAX_ID + 1}", 400, "snapshot-400-id-too-big"),
@@ -765,7 +782,7 @@ async def test_real_response_matches_the_document(
         await redis.execute_command("CLIENT", "PAUSE", REDIS_PAUSE_MS, "ALL")
     try:
         response = await client.request(exchange.method, path, **kwargs)
-        body = await response.read()
+        body = await _first_event(response) if _is_stream(response) else await response.read()
     finally:
         if exchange.redis_paused:
             await redis.ping()  # returns once the pause is over
@@ -784,6 +801,22 @@ async def test_real_response_matches_the_document(
     await drain(redis, pool, settings)
     for role, coupon in world.coupons.items():
         await check_invariants(coupon, accepted=world.accepted[role], rejected=world.rejected[role])
+
+
+def _is_stream(response: Any) -> bool:
+    return response.status == 200 and response.content_type == "text/event-stream"
+
+
+async def _first_event(response: Any) -> bytes:
+    """A live feed never ends: its body up to the first event (after ``retry:``)."""
+    body = b""
+    async with asyncio.timeout(5):
+        while b"\ndata:" not in body or not body.endswith(b"\n\n"):
+            line = await response.content.readline()
+            assert line, f"the stream ended early: {body!r}"
+            body += line
+    response.close()
+    return body
 
 
 def _exchanged_operations() -> Iterator[tuple[str, str]]:

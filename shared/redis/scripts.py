@@ -117,7 +117,7 @@ class Scripts:
         """Judge a batch of users of one coupon: window, dedup, stock; XADD the accepted."""
         k = keys.CouponKeys(coupon_id)
         script_keys = [k.meta, k.users, k.requests, k.failed]
-        args = [coupon_id, *user_ids]
+        args: list[str | int] = [coupon_id, keys.SOLD_OUT_CHANNEL, *user_ids]
         replicated = True
         raw: list[Any]
         if self._replicas is not None:

@@ -6,7 +6,8 @@
 -- KEYS[3]  {coupon:ID}:requests  STREAM accepted requests
 -- KEYS[4]  {coupon:ID}:failed    SET   users whose last request was dead-lettered
 -- ARGV[1]  coupon id
--- ARGV[2..] user ids, in arrival order
+-- ARGV[2]  pub/sub channel told the coupon's id when this call takes the last stock slot
+-- ARGV[3..] user ids, in arrival order
 --
 -- Returns a flat array:
 --   [1] batch status: 0 = judged, 1 = no Redis state for this coupon (nothing judged)
@@ -28,7 +29,7 @@ end
 local total = tonumber(meta[1])
 local start_ms = tonumber(meta[2])
 local end_ms = tonumber(meta[3])
-local n = #ARGV - 1
+local n = #ARGV - 2
 local reply = {0, now_ms, 0}
 
 local batch_code = nil
@@ -52,7 +53,7 @@ end
 
 local users = {}
 for i = 1, n do
-    users[i] = ARGV[i + 1]
+    users[i] = ARGV[i + 2]
 end
 local members = redis.call('SMISMEMBER', KEYS[2], unpack(users))
 
@@ -88,4 +89,7 @@ for i = 1, n do
     end
 end
 reply[3] = total < 0 and -1 or math.max(total - reserved, 0)
+if #accepted > 0 and reply[3] == 0 then
+    redis.call('PUBLISH', ARGV[2], ARGV[1])
+end
 return reply
