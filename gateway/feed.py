@@ -2,8 +2,8 @@
 the moment it changes (Server-Sent Events).
 
 One :class:`Feed` per gateway process holds a :class:`Topic` per coupon that has subscribers.
-One task reads the state of all of them from Redis every ``COUPON_FEED_INTERVAL_MS`` (one
-pipeline: the Redis clock and each coupon's reserved count; the snapshots come from the
+One task reads the state of all of them from Redis every ``COUPON_FEED_INTERVAL_MS`` (the
+Redis clock, then one pipeline of each coupon's reserved count; the snapshots come from the
 process's cache), so ``remaining`` is coalesced to that period whatever the request rate, and
 the cost does not grow with the subscribers. A ``coupons:sold_out`` message, which ``issue.lua``
 publishes when a call takes the last slot, makes the task read that coupon at once: a coupon
@@ -29,7 +29,7 @@ import random
 import structlog
 from aiohttp import web
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway import changes
 from gateway.feed_events import Cursor, FeedState, frame, transitions
@@ -48,6 +48,7 @@ _HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: pass each event through at once
 }
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 _FRAMES_KEPT = 64
 """Distinct ``since`` states whose events a topic keeps built (nearly every subscriber is at
 the topic's previous state; resuming clients may bring others)."""
@@ -151,31 +152,34 @@ class Feed:
             topic.wake()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Read the topics' states until ``stop`` is set: all of them every interval, the
-        urgent ones at once; wake every subscriber each heartbeat."""
+        """Read the topics' states and beat the heartbeat until ``stop`` is set."""
+        await asyncio.gather(self._read_loop(stop), self._beat_loop(stop))
+
+    async def _read_loop(self, stop: asyncio.Event) -> None:
+        """All topics every interval, the urgent ones at once."""
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + self._interval
-        next_beat = loop.time() + self._heartbeat
         while not stop.is_set():
-            timeout = max(0.0, min(next_poll, next_beat) - loop.time())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_poll - loop.time()))
             except TimeoutError:
                 pass
             self._wake.clear()
-            now = loop.time()
-            if now >= next_poll:
+            if loop.time() >= next_poll:
                 due = list(self._topics.values())
-                next_poll = now + self._interval
+                next_poll = loop.time() + self._interval
             else:
                 due = [self._topics[i] for i in self._urgent if i in self._topics]
             self._urgent.clear()
             if due:
                 await self._poll(due)
-            if now >= next_beat:
-                next_beat = now + self._heartbeat
-                for topic in list(self._topics.values()):
-                    topic.wake()
+
+    async def _beat_loop(self, stop: asyncio.Event) -> None:
+        """Wake every subscriber each heartbeat, on its own: a stalled Redis delays no beat."""
+        while not stop.is_set():
+            await changes.wait(stop, self._heartbeat)
+            for topic in list(self._topics.values()):
+                topic.wake()
 
     async def _join(self, coupon_id: int) -> Topic:
         if self._closing:
@@ -194,7 +198,7 @@ class Feed:
                 async with topic.loading:  # the first subscriber reads; the others wait
                     if topic.state is None and not topic.gone:
                         await self._read([topic])
-        except (RedisError, OSError):
+        except _REDIS_ERRORS:
             self._leave(topic)
             raise Unavailable("Redis is unreachable") from None
         except BaseException:
@@ -253,7 +257,7 @@ class Feed:
         """:meth:`_read`; a failure keeps the last states (said once per outage)."""
         try:
             await self._read(topics)
-        except (RedisError, OSError) as exc:
+        except _REDIS_ERRORS as exc:
             if not self._failing:
                 log.warning("feed_read_failed", error=repr(exc))
             self._failing = True
@@ -266,11 +270,15 @@ class Feed:
         """Read the topics' states in one pipeline and publish the changed ones."""
         coupons = [await self._snapshots.get(topic.coupon_id) for topic in topics]
         counted = [c.id for c in coupons if c is not None and c.retired_reserved is None]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.time()
-            for coupon_id in counted:
-                pipe.scard(keys.CouponKeys(coupon_id).users)
-            (seconds, micros), *counts = await pipe.execute()
+        # TIME apart: a Cluster pipeline refuses a command without a key. On a Cluster it is
+        # one node's clock for every coupon (nodes run NTP; the reservation reads its own).
+        seconds, micros = await self._redis.time()
+        counts = []
+        if counted:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for coupon_id in counted:
+                    pipe.scard(keys.CouponKeys(coupon_id).users)
+                counts = await pipe.execute()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         reserved = dict(zip(counted, counts, strict=True))
         loop = asyncio.get_running_loop()

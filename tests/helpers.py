@@ -171,6 +171,11 @@ class GatewayProcess:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
     def _wait_healthy(self, *, within: float) -> None:
         assert self._process is not None
         deadline = time.monotonic() + within

@@ -66,3 +66,41 @@ class EventReader:
                 self.retry_ms = int(value)
             else:
                 fields[name] = value
+
+
+class RawSubscriber:
+    """One feed connection on a bare socket, cheap enough to hold thousands of in one test
+    process: it only looks for an event's name in what arrives (each event comes whole, in one
+    chunk of the chunked response)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._seen = b""
+
+    @classmethod
+    async def open(cls, host: str, port: int, path: str) -> RawSubscriber:
+        """Connect and read up to the first event (the snapshot)."""
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        subscriber = cls(reader, writer)
+        if status != 200:
+            subscriber.close()
+            raise AssertionError(f"GET {path}: {status}")
+        await subscriber.until(b"snapshot")
+        return subscriber
+
+    async def until(self, name: bytes) -> None:
+        """Read until an event called ``name`` has arrived."""
+        marker = b"event: " + name + b"\n"
+        while (at := self._seen.find(marker)) < 0:
+            chunk = await self._reader.read(65536)
+            if not chunk:
+                raise AssertionError(f"the stream ended before {name!r}")
+            self._seen = self._seen[-len(marker) :] + chunk  # all a marker can straddle
+        self._seen = self._seen[at + len(marker) :]
+
+    def close(self) -> None:
+        self._writer.close()

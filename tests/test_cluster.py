@@ -30,6 +30,7 @@ from shared.settings import Settings
 from tests.helpers import TEST_ACTOR, drain, issue, wait_for
 from tests.invariants import Checker
 from tests.servers import find_binary
+from tests.sse import EventReader
 
 REDIS_SERVER = find_binary("redis-server")
 REDIS_CLI = find_binary("redis-cli")
@@ -152,6 +153,30 @@ async def test_top_up_reaches_the_gateway_through_cluster_pub_sub(
     await Checker(pool, cluster_redis)(
         dataclasses.replace(coupon, total_quantity=2), accepted={1, 2}
     )
+
+
+async def test_the_live_feed_follows_coupons_on_every_shard(
+    cluster_client, cluster_redis, cluster_settings, pool, make_coupon_on
+):
+    coupons = [await make_coupon_on(cluster_redis, total=2) for _ in range(3)]
+    owners = {await _owner(cluster_redis, keys.CouponKeys(c.id).users) for c in coupons}
+    assert len(owners) >= 2, "the coupons should live on more than one shard"
+    responses = [await cluster_client.get(f"/v1/coupons/{c.id}/events") for c in coupons]
+    feeds = [EventReader(response) for response in responses]
+    for feed in feeds:
+        first = await feed.next()
+        assert first is not None
+        assert (first.name, first.data["remaining"]) == ("snapshot", 2)
+    for coupon in coupons:
+        for user in (1, 2, 3):
+            await issue(cluster_client, coupon.id, user)
+    for feed in feeds:  # a sold-out published on any shard reaches the gateway's listener
+        await feed.until("sold_out")
+    for response in responses:
+        response.close()
+    await drain(cluster_redis, pool, cluster_settings)
+    for coupon in coupons:
+        await Checker(pool, cluster_redis)(coupon, accepted={1, 2}, rejected={3})
 
 
 @pytest.fixture

@@ -301,3 +301,21 @@ async def test_head_answers_the_headers_and_holds_no_slot(
         assert response.headers["Content-Type"] == "text/event-stream"
         assert response.headers["Cache-Control"] == "no-cache"
         assert response.headers["X-Request-ID"]
+
+
+async def test_a_redis_stall_keeps_the_streams_and_the_feed_catches_up_after(
+    feed_client: TestClient[Any, Any], make_coupon: CouponFactory, redis: Redis
+) -> None:
+    drop = await make_coupon(total=3)
+    async with subscribed(feed_client, drop.id) as feed:
+        assert await feed.next() is not None
+        # Every Redis client waits 1.5 s: three of the gateway's 0.5 s timeouts and more.
+        await redis.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        beats = feed.comments
+        with pytest.raises(TimeoutError):  # no event, but the stream lives on: heartbeats
+            await feed.next(within=1.0)
+        assert feed.comments > beats
+        await redis.ping()  # the pause is over
+        assert (await issue(feed_client, drop.id, 1))[0] == 202
+        remaining, _ = await feed.until("remaining", within=3.0)
+        assert remaining.data["remaining"] == 2
