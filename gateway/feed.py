@@ -64,6 +64,9 @@ class Topic:
         self.gone = False
         """The coupon no longer exists: its streams end (a reconnect gets 404)."""
         self.loading = asyncio.Lock()
+        self.unreadable = False
+        """Its first read failed: the subscribers waiting behind it are refused at once
+        instead of each waiting out a Redis timeout of its own."""
         self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._frames: dict[str | None, bytes] = {}
 
@@ -197,8 +200,11 @@ class Feed:
             if topic.state is None:
                 async with topic.loading:  # the first subscriber reads; the others wait
                     if topic.state is None and not topic.gone:
+                        if topic.unreadable:
+                            raise RedisError("the first read of this coupon failed")
                         await self._read([topic])
         except _REDIS_ERRORS:
+            topic.unreadable = topic.state is None
             self._leave(topic)
             raise Unavailable("Redis is unreachable") from None
         except BaseException:
@@ -254,10 +260,11 @@ class Feed:
             self._wake.set()
 
     async def _poll(self, topics: list[Topic]) -> None:
-        """:meth:`_read`; a failure keeps the last states (said once per outage)."""
+        """:meth:`_read`; a failure keeps the last states (said once per outage). Nothing
+        ends the loop: Redis away, its state lost (until a rebuild), or a bug."""
         try:
             await self._read(topics)
-        except _REDIS_ERRORS as exc:
+        except Exception as exc:  # logged; the next poll tries again
             if not self._failing:
                 log.warning("feed_read_failed", error=repr(exc))
             self._failing = True

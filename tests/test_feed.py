@@ -319,3 +319,19 @@ async def test_a_redis_stall_keeps_the_streams_and_the_feed_catches_up_after(
         assert (await issue(feed_client, drop.id, 1))[0] == 202
         remaining, _ = await feed.until("remaining", within=3.0)
         assert remaining.data["remaining"] == 2
+
+
+async def test_subscribers_arriving_during_a_redis_stall_get_503_and_later_ones_read_afresh(
+    feed_client: TestClient[Any, Any], make_coupon: CouponFactory, redis: Redis
+) -> None:
+    drop = await make_coupon(total=3)
+    await redis.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+    url = f"/v1/coupons/{drop.id}/events"
+    # Three at once: the first one's read times out, and the two waiting behind it are refused
+    # with it (all within the pause: one by one, each after its own timeout, would not be).
+    answers = await asyncio.gather(*(feed_client.get(url) for _ in range(3)))
+    for response in answers:
+        await assert_problem(response, 503, "FAIL_COUPON_ISSUE_REQUEST")
+    await redis.ping()  # the pause is over
+    async with subscribed(feed_client, drop.id) as feed:  # and the next one reads afresh
+        assert await feed.next() is not None
