@@ -25,6 +25,7 @@ from tests.helpers import ADMIN, assert_problem, drain, issue
 from tests.invariants import Checker
 from tests.sse import EventReader
 from tests.test_openapi import check_against_document
+from tests.test_security import AUDIENCE, ISSUER, SECRET
 
 NOW = datetime(2026, 12, 3, 13, 0, tzinfo=UTC)
 NOW_MS = int(NOW.timestamp() * 1000)
@@ -335,3 +336,24 @@ async def test_subscribers_arriving_during_a_redis_stall_get_503_and_later_ones_
     await redis.ping()  # the pause is over
     async with subscribed(feed_client, drop.id) as feed:  # and the next one reads afresh
         assert await feed.next() is not None
+
+
+async def test_the_feed_is_public_in_jwt_mode_and_rate_limited_per_address(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    settings: Settings,
+    make_coupon: CouponFactory,
+    redis: Redis,
+    pool: aiomysql.Pool,
+) -> None:
+    limited = settings.replace(
+        auth="jwt", jwt_secret=SECRET, jwt_audience=AUDIENCE, jwt_issuer=ISSUER,
+        rate_limit_read_per_second=0.001, rate_limit_read_burst=2,
+    )  # fmt: skip
+    client = await aiohttp_client(create_app(limited))
+    drop = await make_coupon(total=3)
+    for _ in range(2):  # no token needed: the feed is public data
+        async with subscribed(client, drop.id) as feed:
+            assert await feed.next() is not None
+    response = await client.get(f"/v1/coupons/{drop.id}/events")
+    await assert_problem(response, 429, "RATE_LIMITED")
+    assert int(response.headers["Retry-After"]) >= 1
