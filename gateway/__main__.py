@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def main() -> None:
             reason="COUPON_AUTH=none: the user id in the request body is trusted as is",
         )
     _warn_if_backlog_capped(settings.listen_backlog, log)
+    _open_files_for(settings.max_subscribers, log)
     log.info(
         "gateway_starting",
         host=settings.http_host,
@@ -110,6 +112,31 @@ def _warn_if_backlog_capped(backlog: int, log: structlog.typing.FilteringBoundLo
             somaxconn=limit,
             fix=f"sysctl -w net.core.somaxconn={backlog} (see README: the listen backlog)",
         )
+
+
+# File descriptors a process needs besides its feed subscribers: clients in flight, Redis and
+# MySQL connections, the listeners, log and metrics files.
+_DESCRIPTORS_BESIDES_THE_FEED = 4096
+
+
+def _open_files_for(subscribers: int, log: structlog.typing.FilteringBoundLogger) -> None:
+    """Every live feed subscriber holds a socket: raise the soft open-files limit to the hard
+    one (an unprivileged process may), and say so at start when even that is too few for
+    ``COUPON_MAX_SUBSCRIBERS``: past it, connections fail with EMFILE, not a 503."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    needed = subscribers + _DESCRIPTORS_BESIDES_THE_FEED
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open_files_limit_low", limit=soft, needed=needed,
+            fix="raise ulimit -n (LimitNOFILE=, or the container's nofile) or lower"
+            " COUPON_MAX_SUBSCRIBERS",
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ when the gateway stops. The events between two states are tested first, without 
 from __future__ import annotations
 
 import asyncio
+import resource
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,12 @@ from typing import Any
 
 import aiomysql
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
+from gateway import __main__ as gateway_main
 from gateway.app import create_app
 from gateway.feed_events import Cursor, FeedState, transitions
 from shared.model import Coupon
@@ -357,3 +361,19 @@ async def test_the_feed_is_public_in_jwt_mode_and_rate_limited_per_address(
     response = await client.get(f"/v1/coupons/{drop.id}/events")
     await assert_problem(response, 429, "RATE_LIMITED")
     assert int(response.headers["Retry-After"]) >= 1
+
+
+def test_the_gateway_raises_its_open_files_limit_and_warns_when_too_low() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    log = structlog.get_logger("test")
+    try:
+        with capture_logs() as logs:
+            enough = max(0, hard - gateway_main._DESCRIPTORS_BESIDES_THE_FEED)
+            gateway_main._open_files_for(enough, log)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard  # raised to the hard limit
+        assert logs == []  # enough
+        with capture_logs() as logs:
+            gateway_main._open_files_for(enough + 1, log)  # one descriptor short
+        assert [entry["event"] for entry in logs] == ["open_files_limit_low"]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
