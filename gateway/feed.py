@@ -5,20 +5,28 @@ One :class:`Feed` per gateway process holds a :class:`Topic` per coupon that has
 One task reads the state of all of them from Redis every ``COUPON_FEED_INTERVAL_MS`` (the
 Redis clock, then one pipeline of each coupon's reserved count; the snapshots come from the
 process's cache), so ``remaining`` is coalesced to that period whatever the request rate, and
-the cost does not grow with the subscribers. A ``coupons:sold_out`` message, which ``issue.lua``
+the reads do not grow with the subscribers. A ``coupons:sold_out`` message, which ``issue.lua``
 publishes when a call takes the last slot, makes the task read that coupon at once: a coupon
 sold out by any process is told by every process within a round trip. The window's start and
 end are read at their moment (as Redis's clock has it, like the reservation script).
 
-Subscribers keep no queue: each waits on its topic's change and writes the events from the state
-it last sent to the newest (:func:`gateway.feed_events.transitions`), built once per topic and
-state and shared by every subscriber in the same place, so a slow reader skips intermediate
-states instead of piling them up. A reader that stops reading is cut off once its unsent bytes
-pass :data:`SLOW_CLIENT_BYTES`; a heartbeat comment every ``COUPON_FEED_HEARTBEAT_SECONDS`` keeps
-idle connections open through proxies and finds the clients that left.
+The fan-out is one loop in that task, not a coroutine per subscriber: it writes each
+subscriber's events straight to its transport, framed in the response's chunked encoding (a
+subscriber's handler only waits for its end). The events from a state to the newest
+(:func:`gateway.feed_events.transitions`) are built once per topic and state and shared by
+every subscriber at that state, so a wave of an event costs one buffered write per subscriber
+and no allocation per subscriber; waking thousands of coroutines, as a first version did, cost
+the issue route most of its speed (docs/PERFORMANCE.md). Writes of ``remaining`` alone are held
+to :data:`REMAINING_WRITES_PER_SECOND` per process: with many subscribers a coupon's
+``remaining`` comes less often than every interval; every other event goes out at once.
 
-Hand-written rather than ``aiohttp-sse``: that package runs a ping task per connection, where
-here one timer wakes every subscriber and the events are built once for all of them.
+Subscribers keep no queue, so a slow reader costs its own unsent bytes only, and one that stops
+reading is cut off once they pass :data:`SLOW_CLIENT_BYTES`. A heartbeat comment every
+``COUPON_FEED_HEARTBEAT_SECONDS`` keeps idle connections open through proxies; clients that
+left are noticed within :data:`SWEEP_SECONDS` (their transport closes) and free their slot.
+
+Hand-written rather than ``aiohttp-sse``: that package runs a ping task per connection and a
+coroutine write per event, where here one loop serves every subscriber.
 """
 
 from __future__ import annotations
@@ -42,6 +50,12 @@ log = structlog.get_logger(__name__)
 
 SLOW_CLIENT_BYTES = 64 * 1024
 """Unsent bytes after which a subscriber that stopped reading is disconnected."""
+REMAINING_WRITES_PER_SECOND = 5_000
+"""Most ``remaining`` writes a gateway process makes a second, over all its subscribers: each is
+a system call, and 5,000 subscribers told four times a second took a fifth of a core. Past
+1,250 subscribers (at the default interval), ``remaining`` comes less often than each poll."""
+SWEEP_SECONDS = 1.0
+"""How often the subscribers whose connection closed are let go (their slot freed)."""
 HEARTBEAT = b": keep-alive\n\n"
 _HEADERS = {
     "Content-Type": "text/event-stream",
@@ -54,24 +68,60 @@ _FRAMES_KEPT = 64
 the topic's previous state; resuming clients may bring others)."""
 
 
+class Subscriber:
+    """One client of a topic: where its events go, what it was last told, and its end."""
+
+    __slots__ = ("_chunked", "done", "sent", "transport")
+
+    def __init__(self, transport: asyncio.Transport, *, chunked: bool, sent: str) -> None:
+        self.transport = transport
+        self._chunked = chunked
+        self.sent = sent
+        """The cursor of the last state written to it."""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def write(self, data: bytes) -> bool:
+        """Queue ``data`` on the connection; False when the subscriber must go (it left, or
+        stopped reading)."""
+        transport = self.transport
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > SLOW_CLIENT_BYTES:
+            metrics.FEED_REFUSED.labels("slow").inc()
+            transport.close()
+            return False
+        if self._chunked:  # the response's framing, as aiohttp's writer would have made it
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+        return True
+
+    def end(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
 class Topic:
-    """One coupon's feed in this process: its newest state and its subscribers' wake-up."""
+    """One coupon's feed in this process: its newest state and its subscribers."""
 
     def __init__(self, coupon_id: int) -> None:
         self.coupon_id = coupon_id
         self.state: FeedState | None = None
-        self.subscribers = 0
+        self.subscribers: set[Subscriber] = set()
+        self.held = 0
+        """Subscribers admitted to it: streaming, or waiting for its first read."""
         self.gone = False
         """The coupon no longer exists: its streams end (a reconnect gets 404)."""
         self.loading = asyncio.Lock()
         self.unreadable = False
         """Its first read failed: the subscribers waiting behind it are refused at once
         instead of each waiting out a Redis timeout of its own."""
-        self._changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.next_remaining = 0.0
+        """Loop time before which a change of ``remaining`` alone is held back."""
         self._frames: dict[str | None, bytes] = {}
 
     def update(self, state: FeedState) -> None:
-        """Make ``state`` the newest and wake the subscribers, if it differs from the last."""
+        """Make ``state`` the newest and write every subscriber what it has not heard."""
         if state == self.state:
             return
         since = None if self.state is None else Cursor.parse(self.state.cursor)
@@ -79,11 +129,16 @@ class Topic:
             metrics.FEED_EVENTS_SENT.labels(name).inc()
         self.state = state
         self._frames.clear()
-        self.wake()
+        cursor = state.cursor
+        for subscriber in list(self.subscribers):
+            if subscriber.write(self.frames_since(subscriber.sent)):
+                subscriber.sent = cursor
+            else:
+                self.drop(subscriber)
 
     def frames_since(self, cursor: str | None) -> bytes:
         """The events from the state ``cursor`` names (None: nothing known) to the newest."""
-        assert self.state is not None  # a subscriber joins only once the topic has a state
+        assert self.state is not None  # a subscriber streams only once the topic has a state
         built = self._frames.get(cursor)
         if built is None:
             events = transitions(Cursor.parse(cursor), self.state)
@@ -93,14 +148,25 @@ class Topic:
             self._frames[cursor] = built
         return built
 
-    def wake(self) -> None:
-        woken, self._changed = self._changed, asyncio.get_running_loop().create_future()
-        woken.set_result(None)
+    def beat(self) -> None:
+        """A heartbeat comment to every subscriber."""
+        for subscriber in list(self.subscribers):
+            if not subscriber.write(HEARTBEAT):
+                self.drop(subscriber)
 
-    async def changed(self) -> None:
-        """Until the next :meth:`wake` (a change, a heartbeat, the end)."""
-        # Shielded: a subscriber's cancellation must not cancel everyone's future.
-        await asyncio.shield(self._changed)
+    def sweep(self) -> None:
+        """Let go of the subscribers whose connection closed."""
+        for subscriber in list(self.subscribers):
+            if subscriber.transport.is_closing():
+                self.drop(subscriber)
+
+    def drop(self, subscriber: Subscriber) -> None:
+        self.subscribers.discard(subscriber)
+        subscriber.end()
+
+    def end_all(self) -> None:
+        for subscriber in list(self.subscribers):
+            self.drop(subscriber)
 
 
 class Feed:
@@ -129,10 +195,6 @@ class Feed:
         self._closing = False
         self._failing = False
 
-    @property
-    def subscribers(self) -> int:
-        return self._subscribers
-
     def news_handler(self) -> changes.Handler:
         """A sold-out is read at once; other changes wait for the next poll (they arrive as
         fast as pausing or a top-up needs, and a burst of released slots stays coalesced)."""
@@ -152,11 +214,11 @@ class Feed:
         """End every stream (the gateway stops: clients reconnect to another process)."""
         self._closing = True
         for topic in list(self._topics.values()):
-            topic.wake()
+            topic.end_all()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Read the topics' states and beat the heartbeat until ``stop`` is set."""
-        await asyncio.gather(self._read_loop(stop), self._beat_loop(stop))
+        await asyncio.gather(self._read_loop(stop), self._keep_loop(stop))
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
         """All topics every interval, the urgent ones at once."""
@@ -177,12 +239,21 @@ class Feed:
             if due:
                 await self._poll(due)
 
-    async def _beat_loop(self, stop: asyncio.Event) -> None:
-        """Wake every subscriber each heartbeat, on its own: a stalled Redis delays no beat."""
+    async def _keep_loop(self, stop: asyncio.Event) -> None:
+        """Let go of the clients that left, and beat the heartbeat; on its own, so a stalled
+        Redis delays neither."""
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time() + self._heartbeat
         while not stop.is_set():
-            await changes.wait(stop, self._heartbeat)
+            await changes.wait(stop, min(SWEEP_SECONDS, self._heartbeat))
+            beat = loop.time() >= next_beat
+            if beat:
+                next_beat = loop.time() + self._heartbeat
             for topic in list(self._topics.values()):
-                topic.wake()
+                if beat:
+                    topic.beat()  # which also lets go of the clients that left
+                else:
+                    topic.sweep()
 
     async def _join(self, coupon_id: int) -> Topic:
         if self._closing:
@@ -193,7 +264,7 @@ class Feed:
         topic = self._topics.get(coupon_id)
         if topic is None:
             topic = self._topics[coupon_id] = Topic(coupon_id)
-        topic.subscribers += 1
+        topic.held += 1
         self._subscribers += 1
         metrics.FEED_SUBSCRIBERS.inc()
         try:
@@ -216,42 +287,41 @@ class Feed:
         return topic
 
     def _leave(self, topic: Topic) -> None:
-        topic.subscribers -= 1
+        topic.held -= 1
         self._subscribers -= 1
         metrics.FEED_SUBSCRIBERS.dec()
-        if topic.subscribers == 0 and self._topics.get(topic.coupon_id) is topic:
+        if topic.held == 0 and self._topics.get(topic.coupon_id) is topic:
             del self._topics[topic.coupon_id]
 
     async def _serve(self, request: web.Request, topic: Topic) -> web.StreamResponse:
         response = web.StreamResponse(headers={**_HEADERS, **stream_headers(request)})
         await response.prepare(request)
-        if request.method == "HEAD":  # the headers only: no stream to hold open
-            return response
         transport = request.transport
+        if request.method == "HEAD" or transport is None:  # no stream to hold open
+            return response
+        assert topic.state is not None
         since = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        first, sent = topic.frames_since(since), topic.state.cursor
         # Each client its own reconnection delay, between one and two times the setting: a
         # gateway that stops does not get all its subscribers back in the same instant.
         retry = random.randint(self._retry_ms, 2 * self._retry_ms)  # noqa: S311 - not a secret
         try:
-            await response.write(b"retry: %d\n\n" % retry + topic.frames_since(since))
-            assert topic.state is not None
-            sent = topic.state.cursor
-            while True:
-                await topic.changed()
-                if self._closing or topic.gone or transport is None or transport.is_closing():
-                    break
-                if transport.get_write_buffer_size() > SLOW_CLIENT_BYTES:
-                    metrics.FEED_REFUSED.labels("slow").inc()
-                    transport.close()
-                    break
-                state = topic.state
-                if state.cursor == sent:
-                    await response.write(HEARTBEAT)
-                else:
-                    await response.write(topic.frames_since(sent))
-                    sent = state.cursor
-        except ConnectionResetError:  # the client left
-            pass
+            await response.write(b"retry: %d\n\n" % retry + first)  # the headers go with it
+        except ConnectionResetError:  # the client left already
+            return response
+        if self._closing or topic.gone:
+            return response
+        subscriber = Subscriber(
+            transport, chunked=response.headers.get("Transfer-Encoding") == "chunked", sent=sent
+        )
+        topic.subscribers.add(subscriber)
+        if topic.state.cursor != sent:  # it changed while the first write was on its way
+            subscriber.write(topic.frames_since(sent))
+            subscriber.sent = topic.state.cursor
+        try:
+            await subscriber.done  # the loops write; this ends when they let go of it
+        finally:
+            topic.subscribers.discard(subscriber)
         return response
 
     def _read_now(self, coupon_id: int) -> None:
@@ -289,13 +359,19 @@ class Feed:
         now_ms = int(seconds) * 1000 + int(micros) // 1000
         reserved = dict(zip(counted, counts, strict=True))
         loop = asyncio.get_running_loop()
+        # The remaining-writes budget, spread over this process's subscribers.
+        period = max(self._interval, self._subscribers / REMAINING_WRITES_PER_SECOND)
         for topic, coupon in zip(topics, coupons, strict=True):
             if coupon is None:
                 self._end(topic)
                 continue
             held = reserved.get(coupon.id, coupon.retired_reserved or 0)
             state = FeedState.of(coupon, int(held), now_ms)
-            topic.update(state)
+            if state != topic.state and not (
+                _remaining_alone(topic.state, state) and loop.time() < topic.next_remaining
+            ):
+                topic.update(state)
+                topic.next_remaining = loop.time() + period
             # The window's next edge within a poll: read it at its moment, not up to a poll late.
             edge = {"upcoming": coupon.start_ms, "open": coupon.end_ms}.get(state.phase)
             if edge is not None and edge - now_ms < self._interval * 1000:
@@ -305,4 +381,11 @@ class Feed:
         topic.gone = True
         if self._topics.get(topic.coupon_id) is topic:
             del self._topics[topic.coupon_id]
-        topic.wake()
+        topic.end_all()
+
+
+def _remaining_alone(told: FeedState | None, state: FeedState) -> bool:
+    """Whether the only news from ``told`` to ``state`` is a ``remaining`` event."""
+    if told is None:
+        return False
+    return [name for name, _ in transitions(Cursor.parse(told.cursor), state)] == ["remaining"]

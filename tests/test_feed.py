@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from gateway import __main__ as gateway_main
 from gateway.app import create_app
+from gateway.feed import SLOW_CLIENT_BYTES, Subscriber
 from gateway.feed_events import Cursor, FeedState, transitions
 from shared.model import Coupon
 from shared.settings import Settings
@@ -377,3 +378,54 @@ def test_the_gateway_raises_its_open_files_limit_and_warns_when_too_low() -> Non
         assert [entry["event"] for entry in logs] == ["open_files_limit_low"]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class _Transport(asyncio.Transport):
+    """A connection whose peer reads nothing: what it was written, and how much is unsent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written.append(bytes(data))
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.written))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_subscriber_that_stops_reading_is_cut_off_and_its_events_are_chunks() -> None:
+    transport = _Transport()
+    subscriber = Subscriber(transport, chunked=True, sent="")
+    assert subscriber.write(b"event: x\n\n")
+    assert transport.written == [b"a\r\nevent: x\n\n\r\n"]  # the response's chunked framing
+    while subscriber.write(b"." * 4096):  # nothing is read: the unsent bytes grow
+        assert transport.get_write_buffer_size() <= SLOW_CLIENT_BYTES + 4096 + 16
+    assert transport.closed
+    assert not subscriber.write(b"more")  # gone for good
+    plain = _Transport()
+    assert Subscriber(plain, chunked=False, sent="").write(b"data")
+    assert plain.written == [b"data"]  # an HTTP/1.0 client: the body as it is
+
+
+async def test_an_http_1_0_client_gets_the_events_unframed(
+    feed_client: TestClient[Any, Any], make_coupon: CouponFactory
+) -> None:
+    drop = await make_coupon(total=1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", feed_client.server.port)
+    writer.write(f"GET /v1/coupons/{drop.id}/events HTTP/1.0\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert b"chunked" not in head.lower()
+    assert (await issue(feed_client, drop.id, 1))[0] == 202
+    body = await asyncio.wait_for(reader.readuntil(b"event: sold_out\n"), 5)
+    assert body.startswith(b"retry: ")
+    assert b"event: snapshot\n" in body
+    writer.close()
