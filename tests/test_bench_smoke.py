@@ -36,6 +36,32 @@ def _assert_all_stopped(processes: list[dict[str, Any]]) -> None:
         assert [part.decode() for part in running] != process["argv"], f"left running: {process}"
 
 
+FEED_GOALS = {"feed_accept_with_vs_without", "feed_sold_out_with_vs_without", "feed_told_p99_ms"}
+
+
+def _assert_feed_measured(feed: dict[str, Any]) -> None:
+    """The live feed part: every rate measured with and without the subscribers, and every
+    subscriber of every drop told ``sold_out`` (none cut off), with its latency counted."""
+    subscribers = feed["profile"]["subscribers"]
+    assert subscribers == 50
+    assert set(feed["rates"]) == {"accept", "accept_elsewhere", "sold_out"}
+    for name, rate in feed["rates"].items():
+        assert rate["with_rps"] > 0, name
+        assert rate["without_rps"] > 0, name
+        assert len(rate["per_round"]) == feed["profile"]["rounds"], name
+    assert all(h["lost"] == 0 and h["refused"] == 0 for h in feed["held"]), feed["held"]
+    assert len(feed["drops"]) == feed["profile"]["rounds"]
+    for drop in feed["drops"]:
+        assert drop["subscribers"] == drop["told"] == subscribers, drop
+        assert drop["lost"] == 0, drop
+        assert drop["sold"] == feed["profile"]["drop_stock"], drop  # Redis's count
+        assert 0 <= drop["first_ms"] <= drop["p50_ms"] <= drop["p99_ms"] <= drop["max_ms"], drop
+    told = feed["told"]
+    assert told["every_one_told"]
+    assert told["subscribers"] == subscribers
+    assert 0 <= told["p50_ms"] <= told["p99_ms"] <= told["max_ms"]
+
+
 def test_bench_quick_prints_the_table_and_writes_results(tmp_path: Path) -> None:
     output = tmp_path / "results.json"
     done = _run([str(REPO / "scripts" / "bench"), "--quick", "--output", str(output)], 400)
@@ -73,7 +99,7 @@ def test_bench_quick_prints_the_table_and_writes_results(tmp_path: Path) -> None
     }
     assert set(results["goals"]) == {
         "accept_vs_bare", "sold_out_vs_bare", "drain_vs_raw_insert", "time_to_issue_p99_s",
-        *burst_goals,
+        *burst_goals, *FEED_GOALS,
     }  # fmt: skip
     # The burst ran every target on both routes, one and two processes, and every drop's
     # invariants held: as many rows as answers said accepted, none twice, all drained.
@@ -85,34 +111,77 @@ def test_bench_quick_prints_the_table_and_writes_results(tmp_path: Path) -> None
     assert burst["invariants_ok"], burst["drops"]
     assert all(drop["rows"] == drop["total_quantity"] for drop in burst["drops"]), burst["drops"]
     assert "burst: 200 connections at once" in done.stdout
+    _assert_feed_measured(results["feed"])
+    assert "live feed: 50 subscribers on one gateway process" in done.stdout
     _assert_all_stopped(results["processes"])
     assert not Path(results["stack_folder"]).exists()
 
 
 def test_loadtest_tiny_run_writes_a_clean_report(tmp_path: Path) -> None:
+    """The default run: the same drop with clicking users, then with feed users (who arrive
+    early, wait for the opening and stop at the sold-out), each checked, and the comparison."""
     report = tmp_path / "report"
     done = _run(
         [
             str(REPO / "scripts" / "loadtest"),
             "--users", "4", "--spawn-rate", "4", "--duration", "4s", "--stock", "50",
-            "--user-ids", "300", "--workers", "1", "--report-dir", str(report),
+            "--user-ids", "300", "--workers", "1", "--arrive-early", "3",
+            "--report-dir", str(report),
         ],
         300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "issued 50/50" in done.stderr  # progress lines while it ran
+    assert "the feed removed" in done.stdout
     summary = (report / "summary.md").read_text()
-    assert "**50 issued of 50, 0 duplicates, 0 lost**" in summary
-    assert (report / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (report / "locust.html").stat().st_size > 0
-    assert (report / "locust_stats.csv").read_text().startswith("Type,Name,")
+    assert (
+        "**clicking users: 50 issued of 50, 0 duplicates, 0 lost"
+        " · feed users: 50 issued of 50, 0 duplicates, 0 lost**"
+    ) in summary
+    assert "## What the live feed removed" in summary
+    assert "| sent after the sold-out |" in summary
     run = json.loads((report / "run.json").read_text())
     assert run["ok"]
-    assert run["counts_match"]
-    assert run["outcomes"]["accepted"] == {"locust": 50, "gateway": 50}
-    assert run["accepted_told"] == 50
-    assert run["time_to_issue"]["rows"] == 50
-    assert run["time_to_issue"]["metric"]["rows"] == 50
-    assert "time to issue (the 202 to the row in MySQL), 50 rows" in summary
+    # Each drop has its own files, counts and invariants: the clicking one at the top, the
+    # feed one under feed/.
+    for folder, drop in ((report, run), (report / "feed", run["feed_drop"])):
+        assert (folder / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / "locust.html").stat().st_size > 0
+        assert (folder / "locust_stats.csv").read_text().startswith("Type,Name,")
+        assert drop["ok"], drop["problems"]
+        assert drop["counts_match"], drop["outcomes"]
+        assert drop["outcomes"]["accepted"] == {"locust": 50, "gateway": 50}
+        assert drop["accepted_told"] == 50
+        assert drop["time_to_issue"]["rows"] == 50
+        assert drop["time_to_issue"]["metric"]["rows"] == 50
+        # The load test's own subscription heard the window open and the coupon sell out.
+        assert drop["facts"]["heard"]["started"] == 1
+        assert drop["facts"]["sold_out_at"] > drop["facts"]["opens_at"]
+    assert summary.count("time to issue (the 202 to the row in MySQL), 50 rows") == 2
+    clicking = run["facts"]["user_classes"]
+    assert set(clicking) == {"CouponDropUser"}
+    assert clicking["CouponDropUser"]["before_open"] > 0  # they hammered the closed window
+    feeding = run["feed_drop"]["facts"]
+    assert set(feeding["user_classes"]) == {"FeedDropUser"}
+    feed_users = feeding["user_classes"]["FeedDropUser"]
+    assert feed_users["users"] == 4
+    # Every feed user subscribed once and waited for the opening; none clicked a closed window.
+    assert run["feed_drop"]["locust_rows"]["feed subscribed"]["requests"] == 4
+    assert feeding["feed"]["event snapshot"] == 4
+    assert feed_users["before_open"] == 0
+    assert "outside_window" not in run["feed_drop"]["outcomes"]
+    # The comparison: what the feed users sent after the sold-out, per user, against the
+    # clicking users (no threshold: only that the feed users stopped, and the report says so).
+    effect = run["feed_effect"]
+    assert effect["clicking"]["users"] == effect["feed"]["users"] == 4
+    assert effect["clicking"]["issue_requests"] == sum(
+        pair["locust"] for pair in run["outcomes"].values()
+    )
+    assert effect["feed"]["issue_requests"] == sum(
+        pair["locust"] for pair in run["feed_drop"]["outcomes"].values()
+    )
+    assert effect["feed"]["after_sold_out"] < effect["clicking"]["after_sold_out"]
+    assert 0 < effect["removed"]["after_sold_out"] <= 1
+    assert 0 < effect["removed"]["issue_requests"] <= 1
     _assert_all_stopped(run["processes"])
     assert not Path(run["stack_folder"]).exists()

@@ -14,8 +14,11 @@ goal, with each one's script-call latency read from its ``/metrics``.
 
 Then the worker's drain rate is compared with raw 500-row INSERT statements into the same table,
 and with a one-row-per-transaction consumer. Then an end-to-end drop: N coupons to M users
-through real gateways and workers, with the invariants checked. Last, the drop moment
+through real gateways and workers, with the invariants checked. Then the drop moment
 (:mod:`tests.bench.burst`): thousands of connections opened at once, beside the bare endpoint.
+Last, the live feed (:mod:`tests.bench.feed`): the accept and sold-out rates with 5,000 feed
+subscribers connected ÷ without them, alternating round by round, and how long after the last
+slot's reservation each subscriber hears ``sold_out``. ``--feed-only`` runs only that part.
 
 Everything runs on a private stack (:mod:`tests.bench.stack`) that is stopped at the end, whatever
 happens. ``--quick`` makes every part tiny (CI's smoke run).
@@ -53,7 +56,7 @@ from shared.ops import coupons
 from shared.redis import client as redis_client
 from shared.redis.scripts import Scripts
 from stream_worker.worker import Worker
-from tests.bench import burst, checks, scrape, time_to_issue
+from tests.bench import burst, checks, feed, scrape, time_to_issue
 from tests.bench import profile as bench_profile
 from tests.bench.client import fire
 from tests.bench.stack import Stack, stack
@@ -100,6 +103,7 @@ class Profile:
     e2e_gateways: int
     e2e_workers: int
     burst: burst.BurstProfile
+    feed: feed.FeedProfile
 
 
 FULL = Profile(
@@ -120,6 +124,7 @@ FULL = Profile(
     e2e_gateways=2,
     e2e_workers=2,
     burst=burst.FULL,
+    feed=feed.FULL,
 )
 QUICK = Profile(
     duration=1,
@@ -137,6 +142,7 @@ QUICK = Profile(
     e2e_gateways=2,
     e2e_workers=1,
     burst=burst.QUICK,
+    feed=feed.QUICK,
 )
 
 
@@ -934,6 +940,7 @@ def table(results: dict[str, Any]) -> str:
         )
     lines.insert(1, "-" * len(lines[0]))
     lines += ["", *burst_table(results)]
+    lines += ["", *feed.table_lines(results["feed"], results["goals"])]
     coalesced = http["accept"]["evalsha_per_request"]
     naive = http["naive"]["evalsha_per_request"]
     lines.append("")
@@ -987,13 +994,23 @@ def burst_table(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-async def run(profile: Profile, keep: bool) -> dict[str, Any]:
+async def run(profile: Profile, keep: bool, feed_only: bool = False) -> dict[str, Any]:
     results: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "profile": asdict(profile),
         "machine": machine(),
     }
     started = time.perf_counter()
+    if feed_only:
+        with stack(keep=keep) as running:
+            results["feed"] = await feed.feed_phase(running, profile.feed, run_wrk)
+            results["processes"] = running.processes()
+            results["stack_folder"] = str(running.root)
+        results["goals"] = feed.goals(results["feed"])
+        results["seconds"] = time.perf_counter() - started
+        results["machine"]["load_average_at_end"] = os.getloadavg()
+        results["table"] = "\n".join(feed.table_lines(results["feed"], results["goals"]))
+        return results
     with stack(keep=keep) as running:
         results["http"] = await http_phase(running, profile)
         results["drain"] = await drain_phase(running, profile)
@@ -1006,6 +1023,7 @@ async def run(profile: Profile, keep: bool) -> dict[str, Any]:
         )
         results["e2e"] = await e2e_phase(running, profile)
         results["burst"] = await burst.burst_phase(running, profile.burst)
+        results["feed"] = await feed.feed_phase(running, profile.feed, run_wrk)
         results["processes"] = running.processes()
         results["stack_folder"] = str(running.root)
     http = results["http"]["scenarios"]
@@ -1044,6 +1062,7 @@ async def run(profile: Profile, keep: bool) -> dict[str, Any]:
             results["goals"][f"burst_{route}_{name}"] = {
                 "goal": goal, "value": row[name], "met": met,
             }  # fmt: skip
+    results["goals"].update(feed.goals(results["feed"]))
     results["seconds"] = time.perf_counter() - started
     # Other processes on the machine distort every number: the record says how busy it was.
     results["machine"]["load_average_at_end"] = os.getloadavg()
@@ -1068,24 +1087,29 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profile-tag", default="", help="suffix of the flame graph files")
     parser.add_argument("--profile-folder", type=Path, default=bench_profile.DEFAULT_FOLDER)
+    parser.add_argument(
+        "--feed-only", action="store_true", help="only the live feed part (tests/bench/feed.py)"
+    )
+    parser.add_argument(
+        "--feed-subscribers", type=int, help="live feed subscribers (5,000; --quick: 50)"
+    )
     args = parser.parse_args(argv)
     if args.profile:
         shared_logging.configure("console", "warning")
         uvloop.run(_profile_only(args.profile_folder, args.profile_tag))
         return
     profile = QUICK if args.quick else FULL
-    if args.duration is not None or args.rounds is not None:
-        profile = Profile(
-            **{
-                **asdict(profile),
-                **({"duration": args.duration} if args.duration is not None else {}),
-                **({"rounds": args.rounds} if args.rounds is not None else {}),
-            }
-        )
+    # replace(), not Profile(**asdict()): asdict turns the nested profiles into dicts.
+    if args.duration is not None:
+        profile = replace(profile, duration=args.duration)
+    if args.rounds is not None:
+        profile = replace(profile, rounds=args.rounds)
+    if args.feed_subscribers is not None:
+        profile = replace(profile, feed=replace(profile.feed, subscribers=args.feed_subscribers))
     # The bench process's own logs (the in-process worker's) stay quiet; servers log to files.
     shared_logging.configure("console", "warning")
     try:
-        results = uvloop.run(run(profile, args.keep))
+        results = uvloop.run(run(profile, args.keep, feed_only=args.feed_only))
     except KeyboardInterrupt:
         print("interrupted; every process the bench started is stopped", file=sys.stderr)
         raise SystemExit(130) from None
