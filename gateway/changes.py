@@ -3,7 +3,8 @@
 ``coupons:changed`` (a coupon's snapshot or stock changed: creation, an admin change, a released
 slot, a rebuild) and ``coupons:sold_out`` (``issue.lua`` took the last slot) reach every process
 within a round trip. Each message names a coupon id and goes to the handlers registered for its
-channel, in order: the snapshot cache forgets the coupon before the live feed re-reads it.
+channel, in order: the snapshot cache forgets the coupon, and the live feed reads a sold-out
+coupon at once (it reads every other change at its next poll).
 Whenever the subscription is (re)made or drops, messages may have been missed, so every
 handler's ``resync`` runs too.
 """

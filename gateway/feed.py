@@ -32,7 +32,9 @@ coroutine write per event, where here one loop serves every subscriber.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import socket
 
 import structlog
 from aiohttp import web
@@ -88,7 +90,8 @@ class Subscriber:
             return False
         if transport.get_write_buffer_size() > SLOW_CLIENT_BYTES:
             metrics.FEED_REFUSED.labels("slow").inc()
-            transport.close()
+            # abort, not close: close() waits for the unsent bytes to go, which they never do.
+            transport.abort()
             return False
         if self._chunked:  # the response's framing, as aiohttp's writer would have made it
             transport.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -118,6 +121,11 @@ class Topic:
         instead of each waiting out a Redis timeout of its own."""
         self.next_remaining = 0.0
         """Loop time before which a change of ``remaining`` alone is held back."""
+        self.read_failing = False
+        """Its snapshot could not be read at the last poll (logged once until it can)."""
+        self.read_ms = 0
+        """Redis time of the read its state came from: an older read that ends later (the
+        first subscriber's and a poll's at once) must not undo a newer one."""
         self._frames: dict[str | None, bytes] = {}
 
     def update(self, state: FeedState) -> None:
@@ -235,6 +243,7 @@ class Feed:
                 next_poll = loop.time() + self._interval
             else:
                 due = [self._topics[i] for i in self._urgent if i in self._topics]
+            due = [topic for topic in due if topic.state is not None]  # else its first read runs
             self._urgent.clear()
             if due:
                 await self._poll(due)
@@ -300,7 +309,8 @@ class Feed:
         if request.method == "HEAD" or transport is None:  # no stream to hold open
             return response
         assert topic.state is not None
-        since = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        since = raw if Cursor.parse(raw) is not None else None  # every unreadable id is one
         first, sent = topic.frames_since(since), topic.state.cursor
         # Each client its own reconnection delay, between one and two times the setting: a
         # gateway that stops does not get all its subscribers back in the same instant.
@@ -314,10 +324,13 @@ class Feed:
         subscriber = Subscriber(
             transport, chunked=response.headers.get("Transfer-Encoding") == "chunked", sent=sent
         )
+        _drop_when_unacknowledged(transport, max(2 * self._heartbeat, 10.0))
         topic.subscribers.add(subscriber)
         if topic.state.cursor != sent:  # it changed while the first write was on its way
-            subscriber.write(topic.frames_since(sent))
-            subscriber.sent = topic.state.cursor
+            if subscriber.write(topic.frames_since(sent)):
+                subscriber.sent = topic.state.cursor
+            else:
+                topic.drop(subscriber)
         try:
             await subscriber.done  # the loops write; this ends when they let go of it
         finally:
@@ -344,8 +357,17 @@ class Feed:
         self._failing = False
 
     async def _read(self, topics: list[Topic]) -> None:
-        """Read the topics' states in one pipeline and publish the changed ones."""
-        coupons = [await self._snapshots.get(topic.coupon_id) for topic in topics]
+        """Read the topics' states (the snapshots at once, then Redis's clock and the reserved
+        counts) and publish the changed ones. A coupon whose snapshot cannot be read keeps its
+        last state, and holds up no other."""
+        loaded = await asyncio.gather(
+            *(self._snapshots.get(topic.coupon_id) for topic in topics), return_exceptions=True
+        )
+        if loaded and all(isinstance(result, BaseException) for result in loaded):
+            raise next(r for r in loaded if isinstance(r, BaseException))  # Redis is away
+        pairs = [(t, c) for t, c in zip(topics, loaded, strict=True) if not _failed(t, c)]
+        topics = [t for t, _ in pairs]
+        coupons = [c for _, c in pairs if not isinstance(c, BaseException)]
         counted = [c.id for c in coupons if c is not None and c.retired_reserved is None]
         # TIME apart: a Cluster pipeline refuses a command without a key. On a Cluster it is
         # one node's clock for every coupon (nodes run NTP; the reservation reads its own).
@@ -365,6 +387,9 @@ class Feed:
             if coupon is None:
                 self._end(topic)
                 continue
+            if now_ms < topic.read_ms:
+                continue
+            topic.read_ms = now_ms
             held = reserved.get(coupon.id, coupon.retired_reserved or 0)
             state = FeedState.of(coupon, int(held), now_ms)
             if state != topic.state and not (
@@ -382,6 +407,30 @@ class Feed:
         if self._topics.get(topic.coupon_id) is topic:
             del self._topics[topic.coupon_id]
         topic.end_all()
+
+
+def _drop_when_unacknowledged(transport: asyncio.BaseTransport, seconds: float) -> None:
+    """A client that vanished without a FIN (a NAT or a phone losing its network) never closes
+    its transport: the kernel would retransmit the heartbeats for a quarter of an hour. With
+    TCP_USER_TIMEOUT it gives up once data stays unacknowledged this long (two heartbeats), the
+    transport closes, and the sweep frees the slot. Linux only; elsewhere the OS's own timeouts."""
+    sock = transport.get_extra_info("socket")
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if sock is None or option is None:
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+
+
+def _failed(topic: Topic, loaded: object) -> bool:
+    """Whether the topic's snapshot load failed (said once per coupon until it reads again)."""
+    if isinstance(loaded, BaseException):
+        if not topic.read_failing:
+            log.warning("feed_coupon_read_failed", coupon_id=topic.coupon_id, error=repr(loaded))
+        topic.read_failing = True
+        return True
+    topic.read_failing = False
+    return False
 
 
 def _remaining_alone(told: FeedState | None, state: FeedState) -> bool:

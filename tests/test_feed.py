@@ -23,6 +23,7 @@ from gateway import __main__ as gateway_main
 from gateway.app import create_app
 from gateway.feed import SLOW_CLIENT_BYTES, Subscriber
 from gateway.feed_events import Cursor, FeedState, transitions
+from shared import keys
 from shared.model import Coupon
 from shared.settings import Settings
 from tests.conftest import CouponFactory
@@ -397,7 +398,7 @@ class _Transport(asyncio.Transport):
     def is_closing(self) -> bool:
         return self.closed
 
-    def close(self) -> None:
+    def abort(self) -> None:
         self.closed = True
 
 
@@ -429,3 +430,21 @@ async def test_an_http_1_0_client_gets_the_events_unframed(
     assert body.startswith(b"retry: ")
     assert b"event: snapshot\n" in body
     writer.close()
+
+
+async def test_a_coupon_that_cannot_be_read_holds_up_no_other(
+    feed_client: TestClient[Any, Any], make_coupon: CouponFactory, redis: Redis
+) -> None:
+    broken, fine = await make_coupon(total=3), await make_coupon(total=3)
+    async with subscribed(feed_client, broken.id) as a, subscribed(feed_client, fine.id) as b:
+        assert await a.next() is not None
+        assert await b.next() is not None
+        # Only someone with Redis access can write this; the gateway must not stall on it.
+        await redis.hset(keys.CouponKeys(broken.id).meta, "total", "not a number")
+        await redis.publish(keys.CHANGES_CHANNEL, broken.id)  # the cache forgets the good copy
+        assert (await issue(feed_client, fine.id, 1))[0] == 202
+        remaining, _ = await b.until("remaining", within=3.0)
+        assert remaining.data["remaining"] == 2
+        with pytest.raises(TimeoutError):  # the broken one keeps its last state, quietly
+            await a.next(within=0.5)
+    await redis.hset(keys.CouponKeys(broken.id).meta, "total", 3)  # for the fixture's checks
