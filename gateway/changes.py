@@ -24,13 +24,17 @@ from shared import keys
 log = structlog.get_logger(__name__)
 
 
+def _ignore(*_: object) -> None:
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Handler:
-    """What one consumer of the news does with it."""
+    """What one consumer of the news does with it (nothing, for what it leaves out)."""
 
-    changed: Callable[[int], None]
-    sold_out: Callable[[int], None]
-    resync: Callable[[], None]
+    changed: Callable[[int], None] = _ignore
+    sold_out: Callable[[int], None] = _ignore
+    resync: Callable[[], None] = _ignore
 
 
 async def listen(redis: Redis, handlers: list[Handler], stop: asyncio.Event) -> None:

@@ -132,7 +132,7 @@ class Topic:
         """Make ``state`` the newest and write every subscriber what it has not heard."""
         if state == self.state:
             return
-        since = None if self.state is None else Cursor.parse(self.state.cursor)
+        since = None if self.state is None else self.state.told
         for name, _ in transitions(since, state):
             metrics.FEED_EVENTS_SENT.labels(name).inc()
         self.state = state
@@ -206,9 +206,7 @@ class Feed:
     def news_handler(self) -> changes.Handler:
         """A sold-out is read at once; other changes wait for the next poll (they arrive as
         fast as pausing or a top-up needs, and a burst of released slots stays coalesced)."""
-        return changes.Handler(
-            changed=lambda _coupon_id: None, sold_out=self._read_now, resync=lambda: None
-        )
+        return changes.Handler(sold_out=self._read_now)
 
     async def stream(self, request: web.Request, coupon_id: int) -> web.StreamResponse:
         """Serve one subscriber until it leaves, the coupon goes or the gateway stops."""
@@ -437,4 +435,4 @@ def _remaining_alone(told: FeedState | None, state: FeedState) -> bool:
     """Whether the only news from ``told`` to ``state`` is a ``remaining`` event."""
     if told is None:
         return False
-    return [name for name, _ in transitions(Cursor.parse(told.cursor), state)] == ["remaining"]
+    return [name for name, _ in transitions(told.told, state)] == ["remaining"]

@@ -69,6 +69,11 @@ class FeedState:
             _number(self.total), _number(self.remaining),
         ))  # fmt: skip
 
+    @property
+    def told(self) -> Cursor:
+        """What a client told this state knows of it (its cursor, not parsed back from text)."""
+        return Cursor(self.digest, self.phase, self.paused, self.total, self.remaining)
+
     def view(self) -> dict[str, Any]:
         """The event's data: the snapshot route's body, plus the phase."""
         return {

@@ -107,6 +107,4 @@ class SnapshotCache:
     def news_handler(self) -> changes.Handler:
         """How the change listener keeps this cache fresh: a change forgets the coupon (a sold
         out needs nothing: the next reservation call says so itself)."""
-        return changes.Handler(
-            changed=self.invalidate, sold_out=lambda _coupon_id: None, resync=self.invalidate
-        )
+        return changes.Handler(changed=self.invalidate, resync=self.invalidate)
