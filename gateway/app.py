@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from prometheus_async.aio.web import server_stats
 
-from gateway import admin, appkeys, changes, compat, health, openapi, routes
+from gateway import admin, appkeys, changes, compat, console, health, openapi, pages, routes
 from gateway.auth import Authenticator
 from gateway.backpressure import PipelineHealth, WaitAdmission
 from gateway.coalescer import Coalescer
@@ -22,6 +22,7 @@ from gateway.snapshots import SnapshotCache
 from shared import metrics
 from shared.mysql.coupon_rows import any_coupon
 from shared.mysql.pool import create_pool
+from shared.ops.watch import DropWatch
 from shared.redis import client as redis_client
 from shared.redis import state as redis_state
 from shared.redis.replication import ReplicaWait
@@ -93,6 +94,9 @@ async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
         heartbeat_seconds=settings.feed_heartbeat_seconds,
         retry_ms=settings.feed_retry_ms,
     )
+    app[appkeys.CONSOLE] = console.Console(
+        DropWatch(app[appkeys.REDIS], app[appkeys.MYSQL]), health
+    )
     stop = asyncio.Event()
     news = [snapshots.news_handler(), feed.news_handler()]
     tasks = [
@@ -107,9 +111,10 @@ async def _issuing_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _end_feeds(app: web.Application) -> None:
-    """Live feed streams would hold the shutdown for its whole grace: end them first (their
-    clients reconnect, to another process)."""
+    """Live feed and console streams would hold the shutdown for its whole grace: end them
+    first (their clients reconnect, to another process)."""
     app[appkeys.FEED].close()
+    await app[appkeys.CONSOLE].close()
 
 
 async def _all_processes_metrics(request: web.Request) -> web.Response:
@@ -125,6 +130,7 @@ async def _admin_listener_ctx(app: web.Application) -> AsyncIterator[None]:
     admin_app = create_admin_app(settings)
     admin_app[appkeys.REDIS] = app[appkeys.REDIS]
     admin_app[appkeys.MYSQL] = app[appkeys.MYSQL]
+    admin_app[appkeys.CONSOLE] = app[appkeys.CONSOLE]
     runner = web.AppRunner(
         admin_app,
         access_log=None,
@@ -155,7 +161,7 @@ def create_admin_app(settings: Settings) -> web.Application:
         middlewares=[problem_middleware(settings.request_log_sample)],
     )
     app[appkeys.SETTINGS] = settings
-    app.add_routes(admin.routes)
+    _add_admin_routes(app)
     if settings.ops_on_admin_port:
         _add_ops_routes(app)
     return app
@@ -174,15 +180,21 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_end_feeds)
     app.add_routes(routes.routes)
     app.add_routes(compat.routes)
+    app.add_routes(pages.routes)
     if settings.admin_port:
         # Admin routes only on their own listener: the public one answers 404 for /admin/*.
         app.cleanup_ctx.append(_admin_listener_ctx)
     else:
-        app.add_routes(admin.routes)
+        _add_admin_routes(app)
     metrics.init_gateway_series()
     if not settings.ops_on_admin_port:
         _add_ops_routes(app)
     return app
+
+
+def _add_admin_routes(app: web.Application) -> None:
+    app.add_routes(admin.routes)
+    app.add_routes(console.routes)
 
 
 def _add_ops_routes(app: web.Application) -> None:

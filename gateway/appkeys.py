@@ -14,6 +14,7 @@ from shared.settings import Settings
 if TYPE_CHECKING:
     from gateway.auth import Authenticator
     from gateway.coalescer import Coalescer
+    from gateway.console import Console
     from gateway.feed import Feed
     from gateway.issuing import Issuer
     from gateway.ratelimit import Limits
@@ -27,5 +28,6 @@ SNAPSHOTS: web.AppKey[SnapshotCache] = web.AppKey("snapshots")
 COALESCER: web.AppKey[Coalescer] = web.AppKey("coalescer")
 ISSUER: web.AppKey[Issuer] = web.AppKey("issuer")
 FEED: web.AppKey[Feed] = web.AppKey("feed")
+CONSOLE: web.AppKey[Console] = web.AppKey("console")
 AUTHENTICATOR: web.AppKey[Authenticator] = web.AppKey("authenticator")
 LIMITS: web.AppKey[Limits] = web.AppKey("limits")

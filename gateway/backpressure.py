@@ -44,6 +44,11 @@ class PipelineHealth:
     def enabled(self) -> bool:
         return self._max_lag > 0 or self._max_age_ms > 0
 
+    @property
+    def behind(self) -> dict[int, str]:
+        """The coupons shed now, each with the reason (the operator console shows them)."""
+        return dict(self._behind)
+
     def check(self, coupon_id: int) -> None:
         """Raise :class:`PipelineBehind` when this coupon's stream is past a threshold."""
         reason = self._behind.get(coupon_id)

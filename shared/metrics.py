@@ -246,6 +246,26 @@ def exposition() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+def issue_outcome_totals() -> dict[str, float]:
+    """Issue requests answered so far by outcome: this process's, or in multiprocess mode every
+    gateway process's on this host (the files are read; call it off the event loop)."""
+    if multiprocess_dir() is None:
+        families = ISSUE_REQUESTS.collect()
+    else:
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        families = list(registry.collect())
+    totals: dict[str, float] = {}
+    for family in families:
+        if family.name != "coupon_issue_requests":
+            continue
+        for sample in family.samples:
+            if sample.name == "coupon_issue_requests_total":
+                outcome = sample.labels["outcome"]
+                totals[outcome] = totals.get(outcome, 0.0) + sample.value
+    return totals
+
+
 def mark_process_dead(pid: int) -> None:
     """Drop a finished process's live gauges (its counters stay in the totals)."""
     if multiprocess_dir() is not None:

@@ -48,7 +48,7 @@ from shared.coupon_requests import TITLE_MAX_LENGTH, CouponChange, NewCoupon
 from shared.ids import MAX_ID, MAX_INT32
 from shared.model import COUPON_TYPE
 from shared.settings import ENVIRONMENT, Settings
-from tests.conftest import CouponFactory
+from tests.conftest import ADMIN_TOKEN, CouponFactory
 from tests.helpers import ADMIN, drain
 from tests.invariants import Checker
 
@@ -237,14 +237,29 @@ def test_problem_codes_are_the_error_codes_and_the_router_codes() -> None:
 
 def test_admin_operations_and_only_they_need_the_bearer_token() -> None:
     assert DOC["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+    # The console's reads also take its session cookie; signing in and out and the console's
+    # files need nothing (the files are the same for everyone, the data is behind the token).
+    console_reads = {("/admin/console", "get"), ("/admin/console/events", "get")}
+    open_admin = {
+        ("/admin/console/session", "post"),
+        ("/admin/console/logout", "post"),
+        ("/admin/console/assets/{name}", "get"),
+    }
     for path, method in _documented_operations():
         operation = DOC["paths"][path][method]
-        needs_token = operation.get("security") == [{"adminToken": []}]
-        assert needs_token == path.startswith("/admin/"), f"{method} {path}"
+        admin = [{"adminToken": []}]
+        if (path, method) in console_reads:
+            admin = [{"adminToken": []}, {"consoleSession": []}]
+        needs_token = operation.get("security") == admin
+        if (path, method) in open_admin:
+            assert "security" not in operation, f"{method} {path}"
+        else:
+            assert needs_token == path.startswith("/admin/"), f"{method} {path}"
         # Routes acting for a user take the user's token (required when COUPON_AUTH=jwt).
         user_token = operation.get("security") == [{}, {"userToken": []}]
+        signs_in = (path, method) == ("/admin/console/session", "post")
         has_401 = "401" in operation["responses"]
-        assert has_401 == (needs_token or user_token), f"{method} {path}"
+        assert has_401 == (needs_token or user_token or signs_in), f"{method} {path}"
 
 
 async def test_served_document_is_the_module_document(client: Client) -> None:
@@ -333,7 +348,7 @@ def _problem_responses() -> list[tuple[str, dict[str, Any]]]:
         base = f"/paths/{_escape(path)}/{method}/responses"
         responses = DOC["paths"][path][method]["responses"].items()
         found.extend((f"{base}/{key}", item) for key, item in responses if "$ref" not in item)
-    return [(pointer, item) for pointer, item in found if PROBLEM_JSON in item["content"]]
+    return [(pointer, item) for pointer, item in found if PROBLEM_JSON in item.get("content", {})]
 
 
 def _pinned(response: dict[str, Any]) -> tuple[int, set[str]]:
@@ -582,6 +597,7 @@ class Exchange:
     accepts: tuple[str, int] | None = None
     rejects: tuple[str, int] | None = None
     redis_paused: bool = False
+    follow_redirects: bool = True
 
 
 def case(method: str, path: str, status: int, case_id: str, **kw: Any) -> Any:
@@ -600,6 +616,9 @@ NEW_COUPON = {
 }
 TOO_LARGE = b'{"user_id": 2, "pad": "' + b"x" * 5000 + b'"}'
 WRONG_TOKEN = {"Authorization": "Bearer not-the-admin-token-at-all"}
+HTML = {"Accept": "text/html"}
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+SIGN_IN = f"token={ADMIN_TOKEN}".encode()
 SEED_DATE = errors.OutsideWindow.seed_message
 
 # fmt: off
@@ -719,6 +738,35 @@ EXCHANGES = [
     case("GET", "/admin/audit?coupon_id=abc", 400, "admin-audit-400", headers=ADMIN,
       expect={"code": "INVALID_REQUEST"}),
     case("GET", "/admin/audit", 401, "admin-audit-401", headers=WRONG_TOKEN),
+    # pages and the console
+    case("GET", "/try/{open}", 200, "try-200", headers=HTML),
+    case("GET", "/try/0", 400, "try-400", expect={"code": "INVALID_REQUEST"}),
+    case("GET", "/try/{missing}", 404, "try-404", expect={"code": "COUPON_NOT_EXIST"}),
+    case("GET", "/try/{missing}", 503, "try-503-redis-paused", redis_paused=True),
+    case("GET", "/pages/try.js", 200, "page-file-200"),
+    case("GET", "/pages/console.js", 404, "page-file-404", expect={"code": "NOT_FOUND"}),
+    case("GET", "/admin/console", 200, "console-200", headers={**ADMIN, **HTML}),
+    case("GET", "/admin/console", 401, "console-401-sign-in-form", headers=HTML),
+    case("GET", "/admin/console", 401, "console-401-problem", expect={"code": "UNAUTHORIZED"}),
+    case("GET", "/admin/console/events", 200, "console-events-200", headers=ADMIN,
+      expect={"more": 0}),
+    case("GET", "/admin/console/events", 401, "console-events-401", headers=WRONG_TOKEN),
+    case("POST", "/admin/console/session", 303, "console-sign-in-303", data=SIGN_IN,
+      headers=FORM, follow_redirects=False),
+    case("POST", "/admin/console/session", 400, "console-sign-in-400-no-token", data=b"x=1",
+      headers=FORM, expect={"code": "INVALID_REQUEST"}),
+    case("POST", "/admin/console/session", 401, "console-sign-in-401", headers=FORM,
+      data=b"token=not-the-admin-token-at-all", expect={"code": "UNAUTHORIZED"}),
+    case("POST", "/admin/console/session", 401, "console-sign-in-401-form-again",
+      headers={**FORM, **HTML}, data=b"token=not-the-admin-token-at-all"),
+    case("POST", "/admin/console/session", 403, "console-sign-in-403-other-origin",
+      data=SIGN_IN, headers={**FORM, "Origin": "https://elsewhere.example"},
+      expect={"code": "FORBIDDEN"}),
+    case("POST", "/admin/console/session", 413, "console-sign-in-413", headers=FORM,
+      data=b"token=" + b"x" * 5000),
+    case("POST", "/admin/console/logout", 303, "console-sign-out-303", follow_redirects=False),
+    case("GET", "/admin/console/assets/console.js", 200, "console-file-200"),
+    case("GET", "/admin/console/assets/try.js", 404, "console-file-404"),
     # operations
     case("GET", "/healthz", 200, "healthz-200"),
     case("GET", "/readyz", 200, "readyz-200"),
@@ -795,7 +843,9 @@ async def test_real_response_matches_the_document(
         # A real stall: Redis answers nobody until the pause ends.
         await redis.execute_command("CLIENT", "PAUSE", REDIS_PAUSE_MS, "ALL")
     try:
-        response = await client.request(exchange.method, path, **kwargs)
+        response = await client.request(
+            exchange.method, path, allow_redirects=exchange.follow_redirects, **kwargs
+        )
         body = await _first_event(response) if _is_stream(response) else await response.read()
     finally:
         if exchange.redis_paused:

@@ -31,8 +31,11 @@ ensure_system_packages() {
   find_binary mariadbd mysqld >/dev/null || wanted+=(mariadb-server)
   find_binary mariadb mysql >/dev/null || wanted+=(mariadb-client)
   python3 -c 'import ensurepip, venv' 2>/dev/null || wanted+=(python3-venv)
+  # Each extra is a package, or package:command when the command it installs has another name.
+  local extra package command
   for extra in "$@"; do
-    command -v "$extra" >/dev/null || wanted+=("$extra")
+    package="${extra%%:*}" command="${extra#*:}"
+    command -v "$command" >/dev/null || wanted+=("$package")
   done
   if [ ${#wanted[@]} -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${wanted[*]} and no apt-get to install them"

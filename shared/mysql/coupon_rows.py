@@ -61,8 +61,7 @@ async def insert_coupon_once(
             pass  # rolled back, this call's coupon row with it
         async with snapshot(pool) as cur:
             await cur.execute(
-                "SELECT coupon_id, request_hash FROM coupon_create_keys"
-                " WHERE idempotency_key = %s",
+                "SELECT coupon_id, request_hash FROM coupon_create_keys WHERE idempotency_key = %s",
                 (key,),
             )
             row = await cur.fetchone()
@@ -230,7 +229,6 @@ async def recount_issued(pool: aiomysql.Pool, coupon_id: int) -> None:
         )
 
 
-
 async def retire(
     cur: aiomysql.Cursor,
     coupon_id: int,
@@ -283,3 +281,63 @@ async def retired_outcome(pool: aiomysql.Pool, coupon_id: int, user_id: int) -> 
     if issued:
         return "issued"
     return "failed" if failed else None
+
+
+async def issued_quantities(pool: aiomysql.Pool, coupon_ids: list[int]) -> dict[int, int]:
+    """``issued_quantity`` of each coupon named (one indexed read however many): the counter
+    each worker transaction raises with the rows it writes, so it never lags them."""
+    if not coupon_ids:
+        return {}
+    marks = ", ".join(["%s"] * len(coupon_ids))
+    async with snapshot(pool) as cur:
+        await cur.execute(
+            f"SELECT id, issued_quantity FROM coupons WHERE id IN ({marks})",
+            coupon_ids,
+        )
+        rows = await cur.fetchall()
+    return {int(coupon_id): int(issued) for coupon_id, issued in rows}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class IssueTimings:
+    """Of the ``coupon_issues`` rows of one coupon written since a mark: how many, and how long
+    each took from its acceptance (Redis's clock) to its row (MySQL's)."""
+
+    rows: int
+    mean_ms: float
+    max_ms: float
+
+
+async def newest_issue_row(pool: aiomysql.Pool) -> int:
+    """The highest ``coupon_issues`` id (0 for none): the mark to read new rows after."""
+    async with snapshot(pool) as cur:
+        await cur.execute("SELECT COALESCE(MAX(id), 0) FROM coupon_issues")
+        (newest,) = await cur.fetchone()
+    return int(newest)
+
+
+async def issue_timings_since(
+    pool: aiomysql.Pool, after_id: int
+) -> tuple[int, dict[int, IssueTimings]]:
+    """The rows written after row ``after_id``, per coupon, and the new mark. A range of the
+    primary key, so it reads only the new rows. A row whose id was taken before the mark but
+    committed after it is not counted here: these are samples for a chart, not counters."""
+    async with snapshot(pool) as cur:
+        await cur.execute(
+            "SELECT coupon_id, COUNT(*), MAX(id),"
+            " AVG(TIMESTAMPDIFF(MICROSECOND, date_issued, date_created)),"
+            " MAX(TIMESTAMPDIFF(MICROSECOND, date_issued, date_created))"
+            " FROM coupon_issues WHERE id > %s GROUP BY coupon_id",
+            (after_id,),
+        )
+        rows = await cur.fetchall()
+    newest = after_id
+    timings = {}
+    for coupon_id, count, last_id, mean_us, max_us in rows:
+        newest = max(newest, int(last_id))
+        timings[int(coupon_id)] = IssueTimings(
+            rows=int(count),
+            mean_ms=max(float(mean_us), 0.0) / 1000,
+            max_ms=max(float(max_us), 0.0) / 1000,
+        )
+    return newest, timings
