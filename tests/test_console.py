@@ -337,3 +337,27 @@ async def test_the_console_lives_on_the_admin_listener_when_there_is_one(
                     EventReader(response), lambda s: coupon_in(s, drop.id) is not None
                 )
                 assert state["at"] is not None
+
+
+async def test_the_watch_shows_no_phantom_backlog_when_redis_miscounts_the_lag(
+    client: TestClient[Any, Any],
+    make_coupon: CouponFactory,
+    redis: Redis,
+    pool: aiomysql.Pool,
+    settings: Settings,
+) -> None:
+    """Redis derives a group's lag from its entries-read counter, which can be wrong (seen on a
+    long-lived ./scripts/run: every entry delivered, lag 20). Set it wrong on purpose: the
+    backlog must still be what the stream holds after the last delivered id, nothing."""
+    drop = await make_coupon(total=5)
+    for user in (1, 2, 3):
+        assert (await issue(client, drop.id, user))[0] == 202
+    await drain(redis, pool, settings)
+    stream = keys.CouponKeys(drop.id).requests
+    await redis.execute_command("XGROUP", "SETID", stream, keys.GROUP, "$", "ENTRIESREAD", "0")
+    (group,) = await redis.xinfo_groups(stream)
+    assert int(group["lag"]) == 3  # the counter is wrong now
+    coupon = coupon_in(await DropWatch(redis, pool).sample(), drop.id)
+    assert coupon is not None
+    assert coupon["pending"] == 0
+    assert coupon["backlog"] == {"unread": 0, "unacknowledged": 0, "oldest_age_seconds": 0}
