@@ -25,6 +25,8 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import ipaddress
+import re
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -50,7 +52,10 @@ SAMPLE_SECONDS = 1.0
 MAX_VIEWERS = 32
 """Consoles one gateway process serves at once (beyond: 503)."""
 HEARTBEAT_SECONDS = 15.0
+WRITE_SECONDS = 10.0
+"""How long a console may leave a write unread before it is let go (its slot freed)."""
 RETRY_MS = 2000
+_EXPIRY = re.compile(r"[0-9]{1,12}")
 _COOKIE_PATH = "/admin/console"
 _HOST_OUTCOMES = ("accepted", "sold_out", "duplicate", "outside_window", "paused", "shed",
                   "unconfirmed", "unavailable", "rate_limited")  # fmt: skip
@@ -95,7 +100,7 @@ def _session_actor(request: web.Request) -> str | None:
     raw = request.cookies.get(SESSION_COOKIE, "")
     expires_text, _, rest = raw.partition(".")
     name, _, signature = rest.partition(".")
-    if not expires_text.isdigit() or len(expires_text) > 12 or int(expires_text) < time.time():
+    if not _EXPIRY.fullmatch(expires_text) or int(expires_text) < time.time():
         return None
     try:
         actor = base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)).decode()
@@ -118,6 +123,30 @@ def _viewer(request: web.Request) -> str | None:
         return actor
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     return token_actor(request, presented.strip()) if scheme.lower() == "bearer" else None
+
+
+def _over_https(request: web.Request) -> bool:
+    """Whether the browser reached us over HTTPS: directly, or through a trusted proxy
+    (``COUPON_TRUSTED_PROXIES``) that says so in ``X-Forwarded-Proto``."""
+    if request.secure:
+        return True
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return False
+    trusted = request.app[appkeys.SETTINGS].trusted_proxy_networks
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
+    return forwarded == "https" and any(peer in network for network in trusted)
+
+
+def _check_origin(request: web.Request) -> None:
+    """A console form must come from the console's own page: a browser names the page's origin
+    in ``Origin``; another host's (or an opaque ``null`` one) is refused."""
+    if not request.raw_path.startswith("/admin/"):
+        raise web.HTTPNotFound()
+    origin = request.headers.get("Origin")
+    if origin is not None and (origin == "null" or urlsplit(origin).netloc != request.host):
+        raise Forbidden("a console form must come from the console's own page")
 
 
 def _wants_html(request: web.Request) -> bool:
@@ -158,8 +187,8 @@ class Console:
             await response.prepare(request)
             await response.write(b"retry: %d\n\n" % RETRY_MS)
             await self._follow(response)
-        except (ConnectionError, OSError):
-            pass  # the console was closed
+        except (ConnectionError, OSError, TimeoutError):
+            pass  # the console was closed, or stopped reading
         finally:
             self._viewers -= 1
         return response
@@ -181,25 +210,38 @@ class Console:
             fresh = self._fresh  # before the frame is read: a newer frame sets this one
             if self._frame is not None and self._frame is not sent:
                 sent = self._frame
-                await response.write(sent)
+                await asyncio.wait_for(response.write(sent), WRITE_SECONDS)
             try:
                 await asyncio.wait_for(fresh.wait(), HEARTBEAT_SECONDS)
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                await asyncio.wait_for(response.write(b": keep-alive\n\n"), WRITE_SECONDS)
 
     async def _sample_while_watched(self) -> None:
-        while self._viewers and not self._closed:
-            started = time.monotonic()
-            try:
-                state = await self._watch.sample()
-                state["warnings"] += self._shedding()
-                state["answers"] = await self._answers(state["warnings"])
+        failing = False
+        try:
+            while self._viewers and not self._closed:
+                started = time.monotonic()
+                try:
+                    state = await self._watch.sample()
+                    state["warnings"] += self._shedding()
+                    state["answers"] = await self._answers(state["warnings"])
+                    failing = False
+                except Exception:  # a console must not die of one bad sample
+                    if not failing:  # once per run of failures, not once a second
+                        log.exception("console_sample_failed")
+                    failing = True
+                    state = _FAILED_SAMPLE
                 self._frame = b"event: state\ndata: %s\n\n" % orjson.dumps(state)
-            except Exception:  # a console must not die of one bad sample
-                log.exception("console_sample_failed")
-            fresh, self._fresh = self._fresh, asyncio.Event()
-            fresh.set()
-            await asyncio.sleep(max(SAMPLE_SECONDS - (time.monotonic() - started), 0.05))
+                fresh, self._fresh = self._fresh, asyncio.Event()
+                fresh.set()
+                await asyncio.sleep(max(SAMPLE_SECONDS - (time.monotonic() - started), 0.05))
+        finally:
+            # Nobody watches: what was sampled grows stale, and the next console starts afresh
+            # (the rates over the idle hours would be meaningless, and the next read of new rows
+            # would span all of them).
+            self._frame = None
+            self._outcomes = None
+            self._watch.reset()
 
     def _shedding(self) -> list[dict[str, Any]]:
         return [
@@ -233,6 +275,20 @@ class Console:
         return rates
 
 
+_FAILED_SAMPLE: dict[str, Any] = {
+    "at": None,
+    "workers": None,
+    "coupons": [],
+    "more": 0,
+    "answers": {},
+    "warnings": [{
+        "code": "sample_failed",
+        "detail": "the console could not read the drop's state (see console_sample_failed in"
+                  " the gateway's log)",
+        "coupon_id": None,
+    }],
+}  # fmt: skip
+
 routes = web.RouteTableDef()
 
 
@@ -249,11 +305,7 @@ async def console_page(request: web.Request) -> web.Response:
 @routes.post("/admin/console/session")
 async def sign_in(request: web.Request) -> web.Response:
     """Sign a console in: the admin token from a form, answered with the session cookie."""
-    if not request.raw_path.startswith("/admin/"):
-        raise web.HTTPNotFound()
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != "null" and urlsplit(origin).netloc != request.host:
-        raise Forbidden("a console sign-in must come from the console's own page")
+    _check_origin(request)
     if request.content_type != "application/x-www-form-urlencoded":
         raise InvalidRequest("send the token as a form field (application/x-www-form-urlencoded)")
     form = await request.post()
@@ -275,7 +327,7 @@ async def sign_in(request: web.Request) -> web.Response:
         path=_COOKIE_PATH,
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        secure=_over_https(request),
     )
     return response
 
@@ -283,8 +335,7 @@ async def sign_in(request: web.Request) -> web.Response:
 @routes.post("/admin/console/logout")
 async def sign_out(request: web.Request) -> web.Response:
     """End the console session in this browser."""
-    if not request.raw_path.startswith("/admin/"):
-        raise web.HTTPNotFound()
+    _check_origin(request)
     response = _see_console()
     response.del_cookie(SESSION_COOKIE, path=_COOKIE_PATH)
     return response

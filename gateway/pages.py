@@ -34,7 +34,9 @@ PAGE_HEADERS = {
         " img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on the
+    # console's own form posts, which the sign-in refuses.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-cache",
 }
 """Headers of every page and page file (``no-cache``: a browser revalidates, so a new version

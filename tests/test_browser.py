@@ -216,4 +216,8 @@ async def test_the_console_shows_a_drop_reach_sold_out_without_a_reload(
     assert "workers alive: 1" in text_of(browser, "#summary")
     await until(browser, lambda d: d.find_element(By.ID, "all-clear").is_displayed(), "no warning")
     screenshot(browser, "console.png")
+    # Signing out (the button posts a form from the page) leads back to the sign-in form.
+    button = await in_browser(lambda: browser.find_element(By.CSS_SELECTOR, "form button"))
+    await in_browser(button.click)
+    await until(browser, lambda d: d.find_elements(By.ID, "token"), "the sign-in form again")
     await check_invariants(drop, accepted=accepted, rejected=set(range(1, users + 1)) - accepted)

@@ -129,7 +129,9 @@ async def test_a_wrong_tampered_or_expired_session_is_refused(
     forged = [
         f"{expires}.{name}.{signature[:-1]}{'0' if signature[-1] != '0' else '1'}",
         f"{int(expires) + 1}.{name}.{signature}",  # a longer life, same signature
-        f"{int(time.time()) - 1}.{name}.{signature}",  # expired
+        # Expired, and signed as such: refused for its age alone.
+        console._session_cookie(ADMIN_TOKEN, "admin", time.time() - console.SESSION_SECONDS - 1),
+        "²." + value.partition(".")[2],  # a digit to str.isdigit, not to int()
         "junk",
         "",
     ]
@@ -165,6 +167,7 @@ async def test_bad_sign_in_requests_get_a_problem_and_no_cookie(
             403,
             "FORBIDDEN",
         ),
+        ({"data": {"token": ADMIN_TOKEN}, "headers": {"Origin": "null"}}, 403, "FORBIDDEN"),
     ]
     for kwargs, status, code in cases:
         response = await client.post("/admin/console/session", allow_redirects=False, **kwargs)
@@ -172,11 +175,62 @@ async def test_bad_sign_in_requests_get_a_problem_and_no_cookie(
         assert "Set-Cookie" not in response.headers
 
 
-async def test_sign_out_clears_the_cookie(client: TestClient[Any, Any]) -> None:
-    response = await client.post("/admin/console/logout", allow_redirects=False)
+async def test_sign_out_clears_the_cookie_from_the_console_page_only(
+    client: TestClient[Any, Any],
+) -> None:
+    own = {"Origin": f"http://{client.server.host}:{client.server.port}"}
+    response = await client.post("/admin/console/logout", allow_redirects=False, headers=own)
     assert response.status == 303
     assert f"{console.SESSION_COOKIE}=" in response.headers["Set-Cookie"]
     assert "Max-Age=0" in response.headers["Set-Cookie"]
+    elsewhere = {"Origin": "https://elsewhere.example"}
+    response = await client.post("/admin/console/logout", allow_redirects=False, headers=elsewhere)
+    await assert_problem(response, 403, "FORBIDDEN")
+
+
+async def test_the_cookie_is_secure_behind_a_trusted_https_proxy(
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+    settings: Settings,
+    redis: Redis,
+    pool: aiomysql.Pool,
+) -> None:
+    proxied = await aiohttp_client(create_app(settings.replace(trusted_proxies="127.0.0.1")))
+    for proto, secure in (("https", True), ("http", False)):
+        response = await proxied.post(
+            "/admin/console/session", data={"token": ADMIN_TOKEN}, allow_redirects=False,
+            headers={"X-Forwarded-Proto": proto},
+        )  # fmt: skip
+        assert response.status == 303
+        assert ("Secure" in response.headers["Set-Cookie"]) is secure, proto
+    direct = await aiohttp_client(create_app(settings))  # the header of an untrusted peer
+    response = await direct.post(
+        "/admin/console/session", data={"token": ADMIN_TOKEN}, allow_redirects=False,
+        headers={"X-Forwarded-Proto": "https"},
+    )  # fmt: skip
+    assert "Secure" not in response.headers["Set-Cookie"]
+
+
+async def test_the_sampling_stops_with_the_last_console_and_starts_afresh(
+    client: TestClient[Any, Any], make_coupon: CouponFactory
+) -> None:
+    drop = await make_coupon(total=5)
+    head = await client.head("/admin/console/events", headers=ADMIN)
+    assert head.status == 200
+    assert head.headers["Content-Type"] == "text/event-stream"
+    watching = client.app[console.appkeys.CONSOLE]
+    async with console_stream(client, ADMIN) as reader:
+        await state_until(reader, lambda s: coupon_in(s, drop.id) is not None)
+        async with console_stream(client, ADMIN) as second:
+            await second.until("state")
+    sampler = watching._sampler
+    assert sampler is not None
+    await asyncio.wait_for(asyncio.shield(sampler), 5)  # stops once nobody watches
+    assert watching._frame is None  # nothing stale for the next console
+    async with console_stream(client, ADMIN) as reader:
+        first = await state_until(reader, lambda s: coupon_in(s, drop.id) is not None)
+        coupon = coupon_in(first, drop.id)
+        assert coupon is not None
+        assert coupon["history"] == []  # a new history, not one with the idle gap in it
 
 
 async def test_the_console_follows_a_drop_to_its_sold_out_and_all_issued(
@@ -198,7 +252,9 @@ async def test_the_console_follows_a_drop_to_its_sold_out_and_all_issued(
         answers = {user: (await issue(client, drop.id, user))[0] for user in range(1, 26)}
         accepted = {user for user, status in answers.items() if status == 202}
         assert len(accepted) == 20
-        sold = await state_until(reader, lambda s: (coupon_in(s, drop.id) or {})["remaining"] == 0)
+        sold = await state_until(
+            reader, lambda s: (coupon_in(s, drop.id) or {}).get("remaining") == 0
+        )
         coupon = coupon_in(sold, drop.id)
         assert coupon is not None
         assert coupon["reserved"] == coupon["requested"] == 20
@@ -206,7 +262,9 @@ async def test_the_console_follows_a_drop_to_its_sold_out_and_all_issued(
         assert coupon["sold_out_at"] is not None
         assert any(w["code"] == "no_workers" for w in sold["warnings"])
         await drain(redis, pool, settings)
-        done = await state_until(reader, lambda s: (coupon_in(s, drop.id) or {})["issued"] == 20)
+        done = await state_until(
+            reader, lambda s: (coupon_in(s, drop.id) or {}).get("issued") == 20
+        )
         coupon = coupon_in(done, drop.id)
         assert coupon is not None
         assert coupon["pending"] == 0

@@ -9,6 +9,8 @@
   const fmt = (value) => (value === null || value === undefined ? "–" : number.format(value));
   const clock = (iso) => new Date(iso).toLocaleTimeString(undefined,
     { hour: "2-digit", minute: "2-digit", second: "2-digit", fractionalSecondDigits: 3 });
+  const moment = (iso) => new Date(iso).toLocaleString(undefined,
+    { dateStyle: "medium", timeStyle: "medium" });
   const ANSWER_NAMES = {
     accepted: "accepted", sold_out: "sold out", duplicate: "duplicate",
     outside_window: "outside the window", paused: "paused", shed: "shed (503)",
@@ -62,11 +64,13 @@
     const values = (index) => history.map((point) => point[index]);
     const firsts = values(firstIndex);
     const seconds = values(secondIndex);
-    const peak = Math.max(1, ...firsts.filter((v) => v !== null), ...seconds.filter((v) => v !== null));
+    const known = [...firsts, ...seconds].filter((v) => v !== null);
+    const peak = Math.max(0, ...known);
+    const scale = Math.max(peak, 1); // an idle coupon's zero line sits at the bottom
     const start = history[0][0];
     const span = Math.max(history[history.length - 1][0] - start, 1);
     const points = (series) => series.map((v, i) => (v === null ? null
-      : `${((history[i][0] - start) / span * 300).toFixed(1)},${(98 - v / peak * 94).toFixed(1)}`))
+      : `${((history[i][0] - start) / span * 300).toFixed(1)},${(98 - v / scale * 94).toFixed(1)}`))
       .filter((p) => p !== null).join(" ");
     plot.first.setAttribute("points", points(firsts));
     plot.second.setAttribute("points", points(seconds));
@@ -74,8 +78,10 @@
       for (let i = series.length - 1; i >= 0; i -= 1) if (series[i] !== null) return series[i];
       return null;
     };
-    const text = `Now ${fmt(latest(firsts))} and ${fmt(latest(seconds))} ${unit};`
-      + ` peak ${fmt(peak)} ${unit}, over the last ${Math.round(span / 1000)} s.`;
+    const seconds_ = Math.round(span / 1000);
+    const text = known.length === 0 ? `Nothing in the last ${seconds_} s.`
+      : `Now ${fmt(latest(firsts))} and ${fmt(latest(seconds))} ${unit};`
+        + ` peak ${fmt(peak)} ${unit}, over the last ${seconds_} s.`;
     plot.reading.textContent = text;
     plot.svg.setAttribute("aria-label", text);
   }
@@ -119,8 +125,8 @@
       const value = key === "total" && coupon.total === null ? "unlimited" : fmt(coupon[key]);
       view.values[key].textContent = value;
     }
-    view.window_.textContent = `Window ${clock(coupon.date_issue_start)} to `
-      + `${clock(coupon.date_issue_end)}; ${fmt(coupon.requested)} requests accepted in all.`;
+    view.window_.textContent = `Window ${moment(coupon.date_issue_start)} to `
+      + `${moment(coupon.date_issue_end)}; ${fmt(coupon.requested)} requests accepted in all.`;
     if (coupon.sold_out_at) {
       const after = (Date.parse(coupon.sold_out_at) - Date.parse(coupon.date_issue_start)) / 1000;
       view.soldOut.textContent = `Sold out at ${clock(coupon.sold_out_at)}`
@@ -136,16 +142,19 @@
     draw(view.timing, coupon.history, 3, 4, "ms");
   }
 
+  // The list shows every warning with its current numbers; a screen reader hears only a change
+  // of which warnings stand (the live region below), not the numbers each second.
   function showWarnings(warnings) {
-    const key = JSON.stringify(warnings.map((w) => [w.code, w.coupon_id]));
     const list = byId("warnings");
-    if (key !== shownWarnings) { // announced only when the set changes, not every second
-      shownWarnings = key;
-      list.replaceChildren(...warnings.map((w) => element("li", { "data-code": w.code }, w.detail)));
-    } else {
-      warnings.forEach((w, i) => { list.children[i].textContent = w.detail; });
-    }
+    list.replaceChildren(...warnings.map((w) => element("li", { "data-code": w.code }, w.detail)));
     byId("all-clear").hidden = warnings.length > 0;
+    const key = JSON.stringify(warnings.map((w) => [w.code, w.coupon_id]));
+    if (key !== shownWarnings) {
+      shownWarnings = key;
+      byId("warnings-said").textContent = warnings.length === 0 ? "No warnings."
+        : `${warnings.length} warning${warnings.length > 1 ? "s" : ""}: `
+          + warnings.map((w) => w.code.replace(/_/g, " ")).join(", ");
+    }
   }
 
   function render(state) {
@@ -180,18 +189,31 @@
   }
 
   const connection = byId("connection");
-  const source = new EventSource("/admin/console/events");
-  source.onopen = () => {
-    connection.textContent = "Live";
-    connection.dataset.live = "true";
-  };
-  source.onerror = () => {
-    connection.textContent = "Reconnecting…";
-    connection.dataset.live = "false";
-    // A session that ended (expired, or its token rotated) sends the browser to sign in.
-    fetch("/admin/console", { headers: { Accept: "application/json" } }).then((response) => {
-      if (response.status === 401) location.reload();
-    }).catch(() => {});
-  };
-  source.addEventListener("state", (event) => render(JSON.parse(event.data)));
+  let backoff = 1000;
+
+  function connect() {
+    const source = new EventSource("/admin/console/events");
+    source.onopen = () => {
+      connection.textContent = "Live";
+      connection.dataset.live = "true";
+      backoff = 1000;
+    };
+    source.onerror = () => {
+      connection.textContent = "Reconnecting…";
+      connection.dataset.live = "false";
+      // A session that ended (expired, or its token rotated) sends the browser to sign in.
+      fetch("/admin/console", { headers: { Accept: "application/json" } }).then((response) => {
+        if (response.status === 401) location.reload();
+      }).catch(() => {});
+      // EventSource gives up for good after an answer other than 200 (a 503 while the gateway
+      // stops): start again, less often each time.
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(connect, backoff);
+        backoff = Math.min(backoff * 2, 30000);
+      }
+    };
+    source.addEventListener("state", (event) => render(JSON.parse(event.data)));
+  }
+
+  connect();
 })();

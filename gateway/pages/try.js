@@ -42,16 +42,25 @@
       `Window: ${localTime(view.date_issue_start)} to ${localTime(view.date_issue_end)}`;
   }
 
+  let backoff = 1000;
+
   function follow() {
     const connection = byId("connection");
     const source = new EventSource(`/v1/coupons/${couponId}/events`);
     source.onopen = () => {
       connection.textContent = "Live";
       connection.dataset.live = "true";
+      backoff = 1000;
     };
     source.onerror = () => {
       connection.textContent = "Reconnecting to the live feed…";
       connection.dataset.live = "false";
+      // EventSource gives up for good after an answer other than 200 (a 429 or a 503
+      // FEED_FULL): start again, less often each time.
+      if (source.readyState === EventSource.CLOSED) {
+        setTimeout(follow, backoff);
+        backoff = Math.min(backoff * 2, 30000);
+      }
     };
     for (const name of FEED_EVENTS) {
       source.addEventListener(name, (event) => render(JSON.parse(event.data)));
@@ -147,7 +156,9 @@
         const accepted = await response.json();
         showAnswer("accepted", "ok", "Accepted",
           `The request is queued (request ${accepted.request_id}); the coupon is yours once it is issued.`);
-        followStatus(jwtMode ? accepted.user_id : typed);
+        // In jwt mode the user is the token's sub, read as text: a JSON number above 2^53
+        // would lose digits.
+        followStatus(jwtMode ? tokenUser() : typed);
         return;
       }
       const problem = await problemOf(response);

@@ -37,6 +37,8 @@ SHOWN_COUPONS = 10
 """Live coupons a sample shows, the newest (highest ids) first."""
 HISTORY_POINTS = 180
 """Samples of rates kept per coupon: three minutes at one a second."""
+MYSQL_SECONDS = 2.0
+"""How long a sample waits for MySQL before it shows the Redis half with a warning."""
 
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 MYSQL_ERRORS = (MySQLError, OSError, asyncio.TimeoutError)
@@ -99,6 +101,13 @@ class DropWatch:
         """The last ``issued_quantity`` MySQL gave, shown while it does not answer."""
         self._row_mark: int | None = None
 
+    def reset(self) -> None:
+        """Forget the history and the marks (nobody watched for a while: a rate from the last
+        sample then to the next would span the whole gap)."""
+        self._history.clear()
+        self._last.clear()
+        self._row_mark = None
+
     async def sample(self) -> dict[str, Any]:
         """The state of the drop now: ``at``, ``workers``, ``coupons`` (each with its counters
         and ``history``), ``more`` (live coupons not shown) and ``warnings``."""
@@ -114,8 +123,10 @@ class DropWatch:
                 "Redis lost the service's state: every issue request answers 503 until an"
                 " operator runs couponctl rebuild --all",
             ))  # fmt: skip
-        issued, timings = await self._read_mysql([view.coupon.id for view in views], warnings)
-        coupons = [self._coupon(view, now_ms, issued, timings) for view in views]
+        issued, timings, fresh = await self._read_mysql(
+            [view.coupon.id for view in views], warnings
+        )
+        coupons = [self._coupon(view, now_ms, issued, timings, fresh=fresh) for view in views]
         waiting = sum(c["pending"] for c in coupons)
         if workers == 0 and (waiting or any(c["phase"] == "open" for c in coupons)):
             held = (
@@ -160,14 +171,17 @@ class DropWatch:
                 pipe.scard(k.users)
             replies: list[Any] = await pipe.execute(raise_on_error=False)
         marked, workers, *per_coupon = replies
-        for reply in (marked, workers):
-            if isinstance(reply, Exception):
+        for index, reply in enumerate(replies):
+            # A stream that does not exist yet is the one error that means "nothing"; any other
+            # (a Cluster node that timed out) fails the Redis half, with its warning.
+            expected = index >= 2 and (index - 2) % 4 == 1 and isinstance(reply, ResponseError)
+            if isinstance(reply, Exception) and not expected:
                 raise reply
         waiting = await backlogs(redis, shown)
         views = []
         for index, coupon_id in enumerate(shown):
             meta, stream, dead, reserved = per_coupon[4 * index : 4 * index + 4]
-            if isinstance(meta, Exception) or not meta:
+            if not meta:
                 continue  # retired (or never made live) since the active set was read
             coupon = Coupon.from_meta({_text(k): _text(v) for k, v in meta.items()})
             if coupon.retired:
@@ -181,31 +195,34 @@ class DropWatch:
                 coupon=coupon,
                 requested=requested,
                 last_accepted_ms=last_ms,
-                reserved=_count(reserved),
-                dead_lettered=_count(dead),
+                reserved=int(reserved),
+                dead_lettered=int(dead),
                 backlog=waiting.get(coupon_id, NOTHING_WAITING),
             ))  # fmt: skip
         return now_ms, bool(marked), int(workers), ids, views
 
     async def _read_mysql(
         self, coupon_ids: list[int], warnings: list[dict[str, Any]]
-    ) -> tuple[dict[int, int], dict[int, coupon_rows.IssueTimings]]:
+    ) -> tuple[dict[int, int], dict[int, coupon_rows.IssueTimings], bool]:
+        """``issued_quantity`` per coupon (the last known while MySQL fails), the timings of the
+        rows written since the last sample, and whether MySQL answered this time."""
         try:
-            self._issued.update(await coupon_rows.issued_quantities(self._pool, coupon_ids))
-            if self._row_mark is None:  # the rows before the first sample are history already
-                self._row_mark = await coupon_rows.newest_issue_row(self._pool)
-                return dict(self._issued), {}
-            self._row_mark, timings = await coupon_rows.issue_timings_since(
-                self._pool, self._row_mark
-            )
+            async with asyncio.timeout(MYSQL_SECONDS):
+                self._issued.update(await coupon_rows.issued_quantities(self._pool, coupon_ids))
+                if self._row_mark is None:  # the rows before the first sample are history
+                    self._row_mark = await coupon_rows.newest_issue_row(self._pool)
+                    return dict(self._issued), {}, True
+                self._row_mark, timings = await coupon_rows.issue_timings_since(
+                    self._pool, self._row_mark
+                )
         except MYSQL_ERRORS:
             warnings.append(_warning(
                 "mysql_down",
                 "MySQL does not answer: requests are still accepted and wait in Redis; the"
                 " issued counts are the last MySQL gave",
             ))  # fmt: skip
-            return dict(self._issued), {}
-        return dict(self._issued), timings
+            return dict(self._issued), {}, False
+        return dict(self._issued), timings, True
 
     def _coupon(
         self,
@@ -213,10 +230,15 @@ class DropWatch:
         now_ms: int,
         issued: dict[int, int],
         timings: dict[int, coupon_rows.IssueTimings],
+        *,
+        fresh: bool,
     ) -> dict[str, Any]:
         coupon = view.coupon
         issued_now = issued.get(coupon.id)
-        self._remember(coupon.id, _Totals(now_ms, view.requested, issued_now), timings)
+        # A stale count (MySQL down) is shown, but no rate is taken from it: the first sample
+        # after the outage would otherwise put the whole outage's rows into one second.
+        counted = issued_now if fresh else None
+        self._remember(coupon.id, _Totals(now_ms, view.requested, counted), timings)
         total = coupon.total_quantity
         remaining = None if total is None else max(total - view.reserved, 0)
         sold_out_at = None
@@ -280,7 +302,3 @@ class DropWatch:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _count(reply: Any) -> int:
-    return 0 if isinstance(reply, Exception) else int(reply)
