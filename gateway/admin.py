@@ -22,22 +22,38 @@ log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 
-def require_admin(request: web.Request) -> Actor:
-    """The admin a request acts for, by its bearer token (one of ``COUPON_ADMIN_TOKENS``, or
-    ``COUPON_ADMIN_TOKEN``); 401 otherwise, and for everything when no token is configured.
-
-    The path must say ``/admin/`` literally: aiohttp decodes ``/%61dmin/`` to ``/admin/``, and
-    a proxy that keeps the admin routes off the internet by prefix would let it through."""
+def require_admin_path(request: web.Request) -> None:
+    """404 unless the path says ``/admin/`` literally: aiohttp decodes ``/%61dmin/`` to
+    ``/admin/``, and a proxy that keeps the admin routes off the internet by prefix would let it
+    through."""
     if not request.raw_path.startswith("/admin/"):
         raise web.HTTPNotFound()
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    offered = presented.strip().encode()
-    name = None
-    # Every token is compared, whichever matches, so the time taken tells nothing.
+
+
+def admin_token(request: web.Request, offered: str) -> tuple[str, str] | None:
+    """``(token, its name)`` when ``offered`` is one of ``COUPON_ADMIN_TOKENS`` or
+    ``COUPON_ADMIN_TOKEN``, else None. Every token is compared, whichever matches, so the time
+    taken tells nothing."""
+    found = None
     for token, actor in request.app[appkeys.SETTINGS].admin_actors.items():
-        if hmac.compare_digest(offered, token.encode()):
-            name = actor
-    if scheme.lower() != "bearer" or name is None:
+        if hmac.compare_digest(offered.encode(), token.encode()):
+            found = (token, actor)
+    return found
+
+
+def bearer_admin(request: web.Request) -> str | None:
+    """The name of the admin token the request's ``Authorization: Bearer`` header carries."""
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    found = admin_token(request, presented.strip()) if scheme.lower() == "bearer" else None
+    return None if found is None else found[1]
+
+
+def require_admin(request: web.Request) -> Actor:
+    """The admin a request acts for, by its bearer token; 401 otherwise, and for everything
+    when no token is configured (see :func:`require_admin_path` for the path)."""
+    require_admin_path(request)
+    name = bearer_admin(request)
+    if name is None:
         raise Unauthorized("a valid admin bearer token is required")
     return Actor(name, "admin-api")
 

@@ -36,6 +36,7 @@ import structlog
 from aiohttp import web
 
 from gateway import appkeys
+from gateway.admin import admin_token, bearer_admin, require_admin_path
 from gateway.backpressure import PipelineHealth
 from gateway.pages import Files, page_response, read
 from gateway.problems import stream_headers
@@ -73,16 +74,6 @@ _LOGIN_FAILED = _LOGIN_PAGE.replace(
 )
 
 
-def token_actor(request: web.Request, offered: str) -> str | None:
-    """The name of the admin token ``offered`` is, or None. Every token is compared, whichever
-    matches, so the time taken tells nothing."""
-    name = None
-    for token, actor in request.app[appkeys.SETTINGS].admin_actors.items():
-        if hmac.compare_digest(offered.encode(), token.encode()):
-            name = actor
-    return name
-
-
 def _signature(token: str, actor: str, expires: int) -> str:
     message = f"console\0{actor}\0{expires}".encode()
     return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
@@ -116,13 +107,8 @@ def _session_actor(request: web.Request) -> str | None:
 
 def _viewer(request: web.Request) -> str | None:
     """Who may read the console: a signed-in session, or a request with the admin token."""
-    if not request.raw_path.startswith("/admin/"):
-        raise web.HTTPNotFound()
-    actor = _session_actor(request)
-    if actor is not None:
-        return actor
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    return token_actor(request, presented.strip()) if scheme.lower() == "bearer" else None
+    require_admin_path(request)
+    return _session_actor(request) or bearer_admin(request)
 
 
 def _over_https(request: web.Request) -> bool:
@@ -142,8 +128,7 @@ def _over_https(request: web.Request) -> bool:
 def _check_origin(request: web.Request) -> None:
     """A console form must come from the console's own page: a browser names the page's origin
     in ``Origin``; another host's (or an opaque ``null`` one) is refused."""
-    if not request.raw_path.startswith("/admin/"):
-        raise web.HTTPNotFound()
+    require_admin_path(request)
     origin = request.headers.get("Origin")
     if origin is not None and (origin == "null" or urlsplit(origin).netloc != request.host):
         raise Forbidden("a console form must come from the console's own page")
@@ -312,13 +297,13 @@ async def sign_in(request: web.Request) -> web.Response:
     offered = form.get("token")
     if not isinstance(offered, str) or not offered:
         raise InvalidRequest("the form must have a non-empty token field")
-    actor = token_actor(request, offered.strip())
-    if actor is None:
+    found = admin_token(request, offered.strip())
+    if found is None:
         if _wants_html(request):
             return _sign_in_page(_LOGIN_FAILED)
         raise Unauthorized("that is not an admin token")
+    token, actor = found
     log.info("console_signed_in", actor=actor)
-    token = next(t for t, a in request.app[appkeys.SETTINGS].admin_actors.items() if a == actor)
     response = _see_console()
     response.set_cookie(
         SESSION_COOKIE,

@@ -47,11 +47,7 @@ class FeedState:
         fixed = coupon.public()
         del fixed["paused"], fixed["total_quantity"]
         total = coupon.total_quantity
-        phase: Phase = "open"
-        if now_ms < coupon.start_ms:
-            phase = "upcoming"
-        elif now_ms >= coupon.end_ms:
-            phase = "closed"
+        phase: Phase = coupon.phase_at(now_ms)
         return cls(
             fixed=fixed,
             digest=f"{zlib.crc32(orjson.dumps(fixed, option=orjson.OPT_SORT_KEYS)):08x}",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from shared.errors import InvalidRequest
 
@@ -75,6 +75,12 @@ class Coupon:
     @property
     def end_ms(self) -> int:
         return to_ms(self.date_issue_end)
+
+    def phase_at(self, now_ms: int) -> Literal["upcoming", "open", "closed"]:
+        """Where the window stands at ``now_ms`` (Redis's clock, the one reservations judge by)."""
+        if now_ms < self.start_ms:
+            return "upcoming"
+        return "open" if now_ms < self.end_ms else "closed"
 
     def to_meta(self) -> dict[str, str | int]:
         """The ``{coupon:ID}:meta`` hash."""

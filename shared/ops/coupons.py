@@ -13,7 +13,7 @@ from typing import Any
 import aiomysql
 import structlog
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.coupon_requests import CouponChange, NewCoupon
@@ -31,7 +31,7 @@ from shared.ops.audit import Actor
 from shared.redis import state as redis_state
 from shared.redis.coupon_state import load_snapshot, publish_state
 from shared.redis.scripts import Scripts, UpdateStatus
-from shared.redis.streams import backlogs
+from shared.redis.streams import backlogs, entries_added
 
 log = structlog.get_logger(__name__)
 
@@ -222,12 +222,7 @@ async def counters(pool: aiomysql.Pool, redis: Redis, coupon: Coupon) -> Counter
         pipe.xlen(k.dead)
         pipe.scard(k.users)
         stream, dead, reserved = await pipe.execute(raise_on_error=False)
-    # entries-added counts every entry ever accepted (Redis 7); older servers know the length.
-    requested = (
-        0
-        if isinstance(stream, ResponseError)
-        else int(stream.get("entries-added", stream.get("length", 0)))
-    )
+    requested = entries_added(stream)
     backlog = (await backlogs(redis, [coupon.id]))[coupon.id]
     issued_quantity, issued = await coupon_rows.issue_counts(pool, coupon.id) or (0, 0)
     total = coupon.total_quantity

@@ -31,7 +31,13 @@ from shared.model import Coupon, iso
 from shared.mysql import coupon_rows
 from shared.redis.coupon_state import active_coupon_ids
 from shared.redis.scripts import HEARTBEAT_FRESH_SECONDS
-from shared.redis.streams import NOTHING_WAITING, Backlog, backlogs, redis_now_ms
+from shared.redis.streams import (
+    NOTHING_WAITING,
+    Backlog,
+    backlogs,
+    entries_added,
+    redis_now_ms,
+)
 
 SHOWN_COUPONS = 10
 """Live coupons a sample shows, the newest (highest ids) first."""
@@ -186,14 +192,13 @@ class DropWatch:
             coupon = Coupon.from_meta({_text(k): _text(v) for k, v in meta.items()})
             if coupon.retired:
                 continue
-            requested, last_ms = 0, None
+            last_ms = None
             if not isinstance(stream, ResponseError):  # no stream: nothing accepted yet
-                requested = int(stream.get("entries-added", stream.get("length", 0)))
                 last_id = _text(stream.get("last-generated-id") or "0-0")
                 last_ms = int(last_id.partition("-")[0]) or None
             views.append(_RedisView(
                 coupon=coupon,
-                requested=requested,
+                requested=entries_added(stream),
                 last_accepted_ms=last_ms,
                 reserved=int(reserved),
                 dead_lettered=int(dead),
@@ -246,16 +251,11 @@ class DropWatch:
             # No request is accepted after the last slot is taken: the last acceptance is the
             # moment it sold out (again, after released slots were sold).
             sold_out_at = iso(datetime.fromtimestamp(view.last_accepted_ms / 1000, UTC))
-        phase = "open"
-        if now_ms < coupon.start_ms:
-            phase = "upcoming"
-        elif now_ms >= coupon.end_ms:
-            phase = "closed"
         backlog = view.backlog
         return {
             "id": coupon.id,
             "title": coupon.title,
-            "phase": phase,
+            "phase": coupon.phase_at(now_ms),
             "paused": coupon.paused,
             "date_issue_start": iso(coupon.date_issue_start),
             "date_issue_end": iso(coupon.date_issue_end),

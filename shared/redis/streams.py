@@ -52,6 +52,15 @@ class Backlog:
 NOTHING_WAITING = Backlog(lag=0, pending=0, oldest_ms=None)
 
 
+def entries_added(info: Any) -> int:
+    """Requests ever accepted into a stream, from its ``XINFO STREAM`` reply (a pipeline's error
+    reply for a stream that does not exist yet: none). ``entries-added`` counts every entry ever
+    added (Redis 7); older servers know the length."""
+    if isinstance(info, ResponseError):
+        return 0
+    return int(info.get("entries-added", info.get("length", 0)))
+
+
 async def redis_now_ms(redis: Redis) -> int:
     """The Redis server's clock, which stamps every entry id: ages measured on it are true
     whatever the local clock says."""
